@@ -1,0 +1,240 @@
+"""SAM with separate `q`, `k`, `v` projections in the vision encoder, so PEFT can put LoRA on `q` and `v` alone.
+
+`SamSplitModel` is transformers' `SamModel` but for one class: every vision attention block holds three `nn.Linear`
+named `q`, `k`, `v` instead of one fused `qkv`. Outputs equal `SamModel`'s on the same weights. Stock checkpoints are
+converted explicitly (`from_sam` / `to_sam`): transformers 5 loads weights without calling module hooks, so a
+`load_state_dict` pre-hook (the recipe this replaces) would leave q/k/v randomly initialised without a word.
+
+Supported: transformers 4.57 and 5.x. Only torch and transformers are imported, as the Hub's remote-code loader demands.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import SamConfig, SamModel
+from transformers.models.sam.modeling_sam import SamVisionAttention
+
+from .configuration_sam_split import SamSplitConfig
+
+_PROJECTIONS = ("q", "k", "v")
+
+
+class SamSplitVisionAttention(SamVisionAttention):
+    """SAM vision attention with decomposed relative positions, computed from separate `q`, `k`, `v` projections.
+
+    It subclasses `SamVisionAttention` for its relative-position helpers and so that transformers still records its
+    attention weights (`output_attentions`) and initialises its `rel_pos_h`/`rel_pos_w`.
+
+    The implementation is read from the config at every call, so `model.set_attn_implementation()` takes effect:
+    - `"eager"`: the stock computation, returning the attention weights.
+    - anything else: the relative-position bias is folded into the dot product and SDPA runs without a mask (see
+      `_folded_sdpa`), so the `(height * width, height * width)` bias is never materialised.
+    """
+
+    def __init__(self, config, window_size):
+        super().__init__(config, window_size)
+        del self.qkv
+        self.config = config
+        self.q = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.v = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+
+    def _heads(self, projection: torch.Tensor) -> torch.Tensor:
+        """(batch_size, height, width, channel) -> (batch_size, nHead, height * width, head_dim)"""
+        batch_size, height, width, _ = projection.shape
+        return projection.reshape(batch_size, height * width, self.num_attention_heads, -1).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, height, width, _ = hidden_states.shape
+        # each (batch_size, nHead, height * width, head_dim)
+        query, key, value = (self._heads(getattr(self, name)(hidden_states)) for name in _PROJECTIONS)
+
+        if self.config._attn_implementation == "eager":
+            attn_output, attn_weights = self._eager(query, key, value, height, width)
+        else:
+            attn_output, attn_weights = self._folded_sdpa(query, key, value, height, width), None
+
+        # (batch_size, nHead, height * width, head_dim) -> (batch_size, height, width, channel)
+        attn_output = attn_output.transpose(1, 2).reshape(batch_size, height, width, -1)
+        return self.proj(attn_output), attn_weights
+
+    def _eager(self, query, key, value, height, width):
+        """Stock SAM attention; returns the output and the weights as `(batch_size * nHead, HW, HW)`."""
+        batch_size, num_heads, seq_len, head_dim = query.shape
+        # (batch_size * nHead, height * width, head_dim), the layout stock SAM uses and returns its weights in
+        query, key, value = (t.reshape(batch_size * num_heads, seq_len, head_dim) for t in (query, key, value))
+        attn_weights = (query * self.scale) @ key.transpose(-2, -1)
+        if self.use_rel_pos:
+            rel_pos = self.get_decomposed_rel_pos(query, self.rel_pos_h, self.rel_pos_w, (height, width), (height, width))
+            attn_weights = attn_weights + rel_pos.reshape_as(attn_weights)
+        attn_weights = F.softmax(attn_weights, dtype=torch.float32, dim=-1).to(query.dtype)
+        attn_probs = F.dropout(attn_weights, p=self.dropout, training=self.training)
+        attn_output = (attn_probs @ value).reshape(batch_size, num_heads, seq_len, head_dim)
+        return attn_output, attn_weights
+
+    def _folded_sdpa(self, query, key, value, height, width):
+        """Attention with SAM's decomposed relative-position bias folded into the dot product.
+
+        The bias of query i and key j is `rel_h[i, row(j)] + rel_w[i, col(j)]`. Appending `rel_h[i]` and `rel_w[i]`
+        to the scaled query and one-hot codes of `row(j)` and `col(j)` to the key makes one dot product give
+        `scale * q.k + bias` exactly, so SDPA runs with `scale=1` and no mask. The value is zero-padded to the same
+        width because torch's fast CPU kernels want q, k and v equally wide; the padding is sliced off again.
+        """
+        dropout = self.dropout if self.training else 0.0
+        if not self.use_rel_pos:
+            return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale)
+        batch_size, num_heads, seq_len, head_dim = query.shape
+        rel_h_table = self.get_rel_pos(height, height, self.rel_pos_h)  # (height, height, head_dim)
+        rel_w_table = self.get_rel_pos(width, width, self.rel_pos_w)  # (width, width, head_dim)
+        grid_query = query.reshape(batch_size, num_heads, height, width, head_dim)
+        # (batch_size, nHead, height * width, height) and (..., width): bias per query and key row / key column
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table).reshape(batch_size, num_heads, seq_len, height)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table).reshape(batch_size, num_heads, seq_len, width)
+        # (height * width, height + width): one-hot row and column of each key position
+        rows = torch.eye(height, dtype=query.dtype, device=query.device).repeat_interleave(width, dim=0)
+        cols = torch.eye(width, dtype=query.dtype, device=query.device).repeat(height, 1)
+        key_codes = torch.cat([rows, cols], dim=-1).expand(batch_size, num_heads, seq_len, height + width)
+
+        folded_query = torch.cat([query * self.scale, rel_h, rel_w], dim=-1)
+        folded_key = torch.cat([key, key_codes], dim=-1)
+        padded_value = F.pad(value, (0, height + width))
+        attn_output = F.scaled_dot_product_attention(folded_query, folded_key, padded_value, dropout_p=dropout, scale=1.0)
+        return attn_output[..., :head_dim]
+
+
+def split_qkv_state_dict(state_dict: dict) -> dict:
+    """Stock SAM state dict (fused `attn.qkv`) -> split (`attn.q`, `attn.k`, `attn.v`); other keys are kept."""
+    split = {}
+    for name, tensor in state_dict.items():
+        if ".attn.qkv." in name:
+            for projection, part in zip(_PROJECTIONS, tensor.chunk(3, dim=0)):
+                split[name.replace(".attn.qkv.", f".attn.{projection}.")] = part.clone()
+        else:
+            split[name] = tensor
+    return split
+
+
+def fuse_qkv_state_dict(state_dict: dict) -> dict:
+    """Split state dict -> stock SAM (fused `attn.qkv`), the inverse of `split_qkv_state_dict`."""
+    fused = {}
+    for name, tensor in state_dict.items():
+        if ".attn.q." in name:
+            parts = [state_dict[name.replace(".attn.q.", f".attn.{projection}.")] for projection in _PROJECTIONS]
+            fused[name.replace(".attn.q.", ".attn.qkv.")] = torch.cat(parts, dim=0)
+        elif ".attn.k." not in name and ".attn.v." not in name:
+            fused[name] = tensor
+    return fused
+
+
+def _check_loading_info(loading_info: dict, source) -> None:
+    """Turn transformers' missing/unexpected-key warnings into errors: no weight may stay randomly initialised."""
+    missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
+    mismatched = sorted(str(item) for item in loading_info.get("mismatched_keys", []))
+    if any(".attn.qkv." in name for name in unexpected):
+        raise ValueError(
+            f"{source} is a stock SAM checkpoint with fused `qkv` weights. Convert it explicitly with "
+            f"`SamSplitModel.from_sam({str(source)!r})` (or `push.py --source ...`); loading it as a split model "
+            "would leave q/k/v randomly initialised."
+        )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{source} does not match SamSplitModel: missing weights {missing[:8]}, unexpected weights "
+            f"{unexpected[:8]}, mismatched shapes {mismatched[:8]} ({len(missing)} missing, {len(unexpected)} "
+            "unexpected in all). Refusing to keep randomly initialised weights."
+        )
+
+
+def _sam_config_kwargs(config: SamConfig) -> dict:
+    """The sizes of `config` as keyword arguments for another SAM config class."""
+    exclude = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "name_or_path"}
+    return {name: value for name, value in config.to_dict().items() if name not in exclude}
+
+
+def _build_and_load(model_class, config, state_dict: dict):
+    """Instantiate `model_class(config)` without initialising weights, then load `state_dict` strictly."""
+    with torch.device("meta"):
+        model = model_class(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.tie_weights()  # re-share the positional embedding that `assign=True` gave each of its two owners
+    return model.eval()
+
+
+class SamSplitModel(SamModel):
+    """`SamModel` whose vision attention blocks have separate `q`, `k`, `v` linears (see `SamSplitVisionAttention`).
+
+    Everything else (prompt encoder, mask decoder, `forward`, `get_image_embeddings`, ...) is `SamModel`'s.
+    """
+
+    config_class = SamSplitConfig
+
+    def __init__(self, config: SamSplitConfig):
+        super().__init__(config)
+        # Built before any weight is loaded, so loading fills q/k/v from the checkpoint like every other weight.
+        for layer in self.vision_encoder.layers:
+            layer.attn = SamSplitVisionAttention(config.vision_config, layer.window_size)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, except that a missing, unexpected or mis-shaped weight is an error.
+
+        A stock (fused `qkv`) SAM checkpoint is refused with a pointer to `from_sam`, which converts it.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        _check_loading_info(loading_info, pretrained_model_name_or_path)
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def from_sam(cls, sam: "SamModel | str | os.PathLike", **from_pretrained_kwargs) -> "SamSplitModel":
+        """Convert a stock `SamModel`: an instance, a local checkpoint folder or a Hub id (then loaded with
+        `SamModel.from_pretrained(sam, **from_pretrained_kwargs)`, e.g. `revision=...`, `dtype=...`).
+
+        The fused `qkv` rows are split in order (q, k, v), weights and biases alike; every other weight is shared as is.
+        """
+        if isinstance(sam, SamSplitModel):
+            raise TypeError("from_sam() expects a stock SamModel, got a SamSplitModel (it is already split).")
+        if not isinstance(sam, SamModel):
+            if not isinstance(sam, (str, os.PathLike)):
+                raise TypeError(f"from_sam() expects a SamModel, a folder or a Hub id, got {type(sam).__name__}.")
+            sam = _load_stock_sam(sam, **from_pretrained_kwargs)
+        elif from_pretrained_kwargs:
+            raise TypeError(f"from_sam() got loading arguments {sorted(from_pretrained_kwargs)} with a loaded model.")
+        config = SamSplitConfig(**_sam_config_kwargs(sam.config))
+        config._attn_implementation = sam.config._attn_implementation
+        model = _build_and_load(cls, config, split_qkv_state_dict(sam.state_dict()))
+        model.name_or_path = sam.name_or_path
+        return model
+
+    def to_sam(self) -> SamModel:
+        """A stock `SamModel` with fused `qkv` and exactly these weights, usable without remote code."""
+        config = SamConfig(**_sam_config_kwargs(self.config))
+        config._attn_implementation = self.config._attn_implementation
+        return _build_and_load(SamModel, config, fuse_qkv_state_dict(self.state_dict()))
+
+
+def _load_stock_sam(name_or_path, **from_pretrained_kwargs) -> SamModel:
+    """`SamModel.from_pretrained`, refusing non-SAM checkpoints and incomplete ones instead of warning."""
+    config_dict, _ = SamConfig.get_config_dict(name_or_path, **from_pretrained_kwargs)
+    model_type = config_dict.get("model_type")
+    if model_type != "sam":
+        hint = " It is already split: load it with SamSplitModel.from_pretrained." if model_type == "sam_split" else ""
+        raise ValueError(f"{name_or_path} is not a stock SAM checkpoint (model_type={model_type!r}, expected 'sam').{hint}")
+    sam, loading_info = SamModel.from_pretrained(name_or_path, output_loading_info=True, **from_pretrained_kwargs)
+    if loading_info["missing_keys"] or loading_info["unexpected_keys"]:
+        raise ValueError(
+            f"{name_or_path} is an incomplete SAM checkpoint: missing {sorted(loading_info['missing_keys'])[:8]}, "
+            f"unexpected {sorted(loading_info['unexpected_keys'])[:8]}."
+        )
+    return sam
+
+
+# `save_pretrained` copies both code files next to the weights and writes `auto_map` (see configuration_sam_split).
+SamSplitConfig.register_for_auto_class()
+SamSplitModel.register_for_auto_class("AutoModel")
+
+__all__ = ["SamSplitModel", "SamSplitVisionAttention", "split_qkv_state_dict", "fuse_qkv_state_dict"]
