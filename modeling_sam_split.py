@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import SamConfig, SamModel
 from transformers.models.sam.modeling_sam import SamVisionAttention
+from transformers.utils import logging
 
 from .configuration_sam_split import SamSplitConfig
+
+logger = logging.get_logger(__name__)
 
 _PROJECTIONS = ("q", "k", "v")
 
@@ -175,6 +178,72 @@ class SamSplitModel(SamModel):
         for layer in self.vision_encoder.layers:
             layer.attn = SamSplitVisionAttention(config.vision_config, layer.window_size)
         self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_points: torch.Tensor | None = None,
+        input_labels: torch.LongTensor | None = None,
+        input_boxes: torch.Tensor | None = None,
+        input_masks: torch.Tensor | None = None,
+        image_embeddings: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        attention_similarity: torch.Tensor | None = None,
+        target_embedding: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """`SamModel.forward` (same arguments, same outputs) after checking the shapes of the inputs, so that a wrong
+        shape is reported as such instead of failing deep inside the model or broadcasting into a wrong result."""
+        self._check_inputs(pixel_values, input_points, input_labels, input_boxes, input_masks, image_embeddings)
+        return super().forward(
+            pixel_values=pixel_values,
+            input_points=input_points,
+            input_labels=input_labels,
+            input_boxes=input_boxes,
+            input_masks=input_masks,
+            image_embeddings=image_embeddings,
+            multimask_output=multimask_output,
+            attention_similarity=attention_similarity,
+            target_embedding=target_embedding,
+            **kwargs,
+        )
+
+    def _check_inputs(self, pixel_values, input_points, input_labels, input_boxes, input_masks, image_embeddings):
+        vision = self.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        expected = {
+            "pixel_values": (None, vision.num_channels, vision.image_size, vision.image_size),
+            "image_embeddings": (None, vision.output_channels, grid, grid),
+            "input_points": (None, None, None, 2),
+            "input_labels": tuple(input_points.shape[:-1]) if input_points is not None else (None, None, None),
+            "input_boxes": (None, None, 4),
+            # The mask prompt is SAM's low-resolution mask logits: 4x the embedding grid (256x256 for 1024 images).
+            "input_masks": (None, 1, 4 * grid, 4 * grid),
+        }
+        given = {
+            "pixel_values": pixel_values, "image_embeddings": image_embeddings, "input_points": input_points,
+            "input_labels": input_labels, "input_boxes": input_boxes, "input_masks": input_masks,
+        }
+        if (pixel_values is None) == (image_embeddings is None):
+            raise ValueError("Pass exactly one of `pixel_values` and `image_embeddings`.")
+        if input_labels is not None and input_points is None:
+            raise ValueError("`input_labels` were given without `input_points`: labels describe points.")
+        batch_size = (pixel_values if pixel_values is not None else image_embeddings).shape[0]
+        for name, tensor in given.items():
+            if tensor is None:
+                continue
+            shape = (batch_size, *expected[name][1:])
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() != len(shape) or any(
+                want is not None and have != want for have, want in zip(tensor.shape, shape)
+            ):
+                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                wanted = "(" + ", ".join("*" if size is None else str(size) for size in shape) + ")"
+                raise ValueError(f"`{name}` must have shape {wanted} (batch size {batch_size}), got {got}.")
+        if input_points is not None and input_labels is None:
+            logger.warning_once(
+                "`input_points` without `input_labels`: every point is taken as foreground (label 1), as SamModel "
+                "does. Pass `input_labels` (1 foreground, 0 background, -10 padding) to choose."
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

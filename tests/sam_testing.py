@@ -1,0 +1,65 @@
+"""Shared helpers for the tests: small SAM configs, stock SAM models with re-randomised weights, sample prompts."""
+
+import torch
+from transformers import SamConfig, SamModel
+
+# fp32 parity tolerance between SamSplitModel and stock SamModel on the same weights and inputs.
+ATOL = 1e-5
+
+
+def tiny_sam_config(**vision_overrides) -> SamConfig:
+    """A SAM config small enough for many forwards per second: 64x64 images, a 4x4 grid of 16-px patches, windows of
+    3 (so windowed layers pad 4 -> 6), one global layer, 2 heads of 16 channels."""
+    vision = dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=64, patch_size=16, window_size=3,
+        global_attn_indexes=[1], output_channels=16, num_pos_feats=8, mlp_dim=64,
+    )
+    vision.update(vision_overrides)
+    return SamConfig(
+        vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=16, image_size=vision["image_size"], patch_size=vision["patch_size"]),
+        mask_decoder_config=dict(hidden_size=16, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16),
+    )
+
+
+def vit_base_config() -> SamConfig:
+    """The sizes of facebook/sam-vit-base."""
+    return SamConfig(
+        vision_config=dict(
+            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]
+        )
+    )
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Overwrite every parameter and buffer with N(0, std): transformers 5 may initialise weights near zero (rel-pos
+    tables, positional embeddings), and parity on near-zero weights proves nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * std)
+    return model
+
+
+def random_stock_sam(config: SamConfig | None = None, seed: int = 0, attn_implementation: str = "sdpa") -> SamModel:
+    """A stock transformers `SamModel` with random N(0, 0.05) weights, in eval mode."""
+    config = SamConfig.from_dict((config or tiny_sam_config()).to_dict())
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return randomize_(SamModel(config), seed).eval()
+
+
+def sample_inputs(config: SamConfig, batch_size: int = 2, seed: int = 0) -> dict:
+    """Pixel values plus a point prompt (2 points, one positive and one negative) per image."""
+    generator = torch.Generator().manual_seed(seed)
+    size = config.vision_config.image_size
+    return {
+        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator),
+        "input_points": torch.rand(batch_size, 1, 2, 2, generator=generator) * size,
+        "input_labels": torch.tensor([[[1, 0]]] * batch_size),
+    }
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()

@@ -1,0 +1,76 @@
+"""SamSplitConfig: SAM's sizes under its own model_type, local auto_map, strict validation."""
+
+import json
+
+import pytest
+from transformers import AutoConfig, SamConfig
+
+from sam_split import SamSplitConfig
+from sam_split.configuration_sam_split import AUTO_MAP
+from sam_testing import tiny_sam_config
+
+
+def test_defaults_are_sam_defaults_under_own_model_type():
+    config, stock = SamSplitConfig(), SamConfig()
+    assert config.model_type == "sam_split" != stock.model_type
+    assert config.vision_config.to_dict() == stock.vision_config.to_dict()
+    assert config.mask_decoder_config.to_dict() == stock.mask_decoder_config.to_dict()
+    assert config.auto_map == AUTO_MAP
+    assert all("--" not in reference for reference in config.auto_map.values())  # local code, never another repo's
+
+
+def test_save_load_round_trip(tmp_path):
+    config = SamSplitConfig(**{k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"})
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "sam_split" and saved["auto_map"] == AUTO_MAP
+    for loaded in (SamSplitConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert type(loaded) is SamSplitConfig
+        assert loaded.vision_config.to_dict() == config.vision_config.to_dict()
+        assert loaded.prompt_encoder_config.to_dict() == config.prompt_encoder_config.to_dict()
+        assert loaded.mask_decoder_config.to_dict() == config.mask_decoder_config.to_dict()
+
+
+def test_auto_map_from_a_hub_download_is_made_local_again():
+    # transformers 4.x rewrites auto_map to "org/repo--module.Class" when it loads from the Hub; a re-saved fork
+    # must still point at its own files.
+    config = SamSplitConfig(auto_map={"AutoConfig": "org/repo--configuration_sam_split.SamSplitConfig"})
+    assert config.auto_map == AUTO_MAP
+
+
+@pytest.mark.parametrize(
+    "vision, field, value",
+    [
+        (dict(hidden_size=33), "vision_config.hidden_size", "33"),
+        (dict(global_attn_indexes=[1, 3]), "vision_config.global_attn_indexes", "[1, 3]"),
+        (dict(global_attn_indexes=[-1]), "vision_config.global_attn_indexes", "[-1]"),
+        (dict(window_size=0), "vision_config.window_size", "0"),
+        (dict(window_size=-2), "vision_config.window_size", "-2"),
+        (dict(image_size=70), "vision_config.image_size", "70"),
+        (dict(num_pos_feats=16), "vision_config.num_pos_feats", "16"),
+        (dict(num_attention_heads=0), "vision_config.num_attention_heads", "0"),
+        (dict(attention_dropout=1.5), "vision_config.attention_dropout", "1.5"),
+    ],
+)
+def test_invalid_values_name_field_value_and_rule(vision, field, value):
+    kwargs = {k: v for k, v in tiny_sam_config(**vision).to_dict().items() if k != "model_type"}
+    with pytest.raises(ValueError) as error:
+        SamSplitConfig(**kwargs)
+    message = str(error.value)
+    assert f"`{field}` = {value}" in message and "invalid" in message
+
+
+def test_prompt_encoder_must_match_vision_encoder():
+    kwargs = {k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}
+    kwargs["prompt_encoder_config"]["hidden_size"] = 32
+    with pytest.raises(ValueError, match=r"prompt_encoder_config.hidden_size.*output_channels \(16\)"):
+        SamSplitConfig(**kwargs)
+
+
+def test_invalid_config_json_is_refused_on_load(tmp_path):
+    SamSplitConfig(**{k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["vision_config"]["global_attn_indexes"] = [7]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="global_attn_indexes"):
+        SamSplitConfig.from_pretrained(tmp_path)
