@@ -63,3 +63,67 @@ def sample_inputs(config: SamConfig, batch_size: int = 2, seed: int = 0) -> dict
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def run_python(code: str, env: dict | None = None, timeout: float = 300, replace_env: bool = False) -> str:
+    """Run `code` in a fresh Python process (same interpreter) and return its stdout; fail with its stderr.
+
+    `env` is added to a copy of this process's environment (or replaces it with `replace_env`), so huggingface_hub in
+    the child reads fresh HF_HOME / HF_ENDPOINT / HF_HUB_OFFLINE values at import time.
+    """
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env if replace_env else {**os.environ, **(env or {})}, capture_output=True,
+        text=True, timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"child process failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+def add_lora(model, rank: int = 16, seed: int | None = None):
+    """`model` wrapped by PEFT with LoRA of rank `rank` on the vision encoder's `q` and `v` (in place, as PEFT does).
+
+    With `seed`, the LoRA weights are re-randomised N(0, 0.05): PEFT's zero-initialised B makes the adapter a no-op
+    and the gradient of A zero, so parity of outputs or gradients would prove nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q", "v"]))
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return peft_model
+
+
+def enable_checkpointing(model) -> None:
+    """Checkpoint every vision layer, by the name this transformers version has (5.x deprecates
+    `gradient_checkpointing_enable` for `activation_checkpointing_enable`). Non-reentrant, 5.x's default: with 4.57's
+    reentrant default, LoRA in the checkpointed layers gets no gradient, as their frozen inputs do not require grad."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def hub_env(url: str, hf_home, token: str | None = None, **extra) -> dict:
+    """Environment for a child process that talks to the local Hub server at `url` with its own HF_HOME (so its own
+    download and remote-code caches). Proxies are dropped: the server is on 127.0.0.1."""
+    import os
+
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.lower().endswith("_proxy") and not name.startswith(("HF_", "HUGGINGFACE_"))
+    }
+    env.update(
+        HF_ENDPOINT=url, HF_HOME=str(hf_home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,localhost",
+    )
+    if token is not None:
+        env["HF_TOKEN"] = token
+    env.update({name: str(value) for name, value in extra.items()})
+    return env
