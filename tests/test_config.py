@@ -74,3 +74,15 @@ def test_invalid_config_json_is_refused_on_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="global_attn_indexes"):
         SamSplitConfig.from_pretrained(tmp_path)
+
+
+def test_repository_config_json_is_sam_vit_base_split():
+    from pathlib import Path
+
+    from sam_testing import vit_base_config
+
+    root = Path(__file__).resolve().parent.parent
+    config = SamSplitConfig.from_pretrained(root)
+    assert json.loads((root / "config.json").read_text())["auto_map"] == AUTO_MAP
+    assert config.architectures == ["SamSplitModel"]
+    assert config.vision_config.to_dict() == vit_base_config().vision_config.to_dict()
