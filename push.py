@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     target.add_argument("--repo-id", help="Hub repository to create or update, e.g. my-org/sam-vit-base-split")
     target.add_argument("--revision", default="main", help="branch to commit to (created from main if missing)")
     target.add_argument("--private", action="store_true", help="create the repository as private")
-    target.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    target.add_argument("--create-pr", action="store_true",
+                        help="open a pull request against the default branch instead of committing")
     target.add_argument("--commit-message", help="commit message (default: what was converted from where)")
     target.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     target.add_argument("--output-dir", type=Path, help="also keep the built repository in this new folder")
@@ -100,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--output-dir {args.output_dir} exists and is not empty; choose a new folder")
     if args.source.startswith(RANDOM_PREFIX) and args.source[len(RANDOM_PREFIX):] not in SAM_SIZES:
         parser.error(f"--source {args.source!r}: expected one of {', '.join(RANDOM_PREFIX + s for s in SAM_SIZES)}")
+    if args.create_pr and args.revision != "main":
+        parser.error("--create-pr opens a pull request against the default branch; drop --revision")
     if args.atol <= 0:
         parser.error("--atol must be positive")
     return args
@@ -263,7 +266,7 @@ def upload(api: HfApi, args, folder: Path) -> str:
         commit = api.upload_folder(
             repo_id=args.repo_id,
             folder_path=folder,
-            revision=args.revision,
+            revision=None if args.create_pr else args.revision,  # pull requests always target the default branch
             create_pr=args.create_pr,
             commit_message=args.commit_message or f"Split q/k/v SAM converted from {args.source}"
             + (f"@{args.source_revision}" if args.source_revision else ""),

@@ -211,6 +211,33 @@ def test_offline_load_by_sha_from_the_cache(hub, sources, first_push, tmp_path):
     assert_matches(results["offline/AutoModel"], reference_outputs(sources[1][0], inputs))
 
 
+def test_hub_source_branch_and_pull_request(hub, sources, tmp_path):
+    """A stock checkpoint on the Hub as --source (pinned by --source-revision, processor config copied over), pushed to
+    a new branch, then as a pull request that leaves main alone."""
+    stock_folder = tmp_path / "stock"
+    sources[1][1].save_pretrained(stock_folder)
+    preprocessor = {"processor_class": "SamProcessor", "image_processor_type": "SamImageProcessor", "do_resize": True,
+                    "size": {"longest_edge": 64}, "pad_size": {"height": 64, "width": 64}, "do_pad": True}
+    (stock_folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    source_sha = commit_with_client(hub, tmp_path, """
+        api.create_repo("upstream/sam-tiny")
+        print(api.upload_folder(repo_id="upstream/sam-tiny", folder_path=args["folder"]).oid)
+    """, folder=str(stock_folder))
+    result = run_push(hub, tmp_path, "--source", "upstream/sam-tiny", "--source-revision", source_sha,
+                      "--repo-id", "tester/sam-tiny-branch", "--revision", "dev")
+    assert result.returncode == 0, result.stderr
+    branch_sha = SHA.search(result.stdout).group(1)
+    assert hub.git("tester/sam-tiny-branch", "rev-parse", "dev") == branch_sha
+    assert json.loads(hub.git("tester/sam-tiny-branch", "show", f"{branch_sha}:preprocessor_config.json")) == preprocessor
+    main_sha = hub.git("tester/sam-tiny-branch", "rev-parse", "main")
+    result = run_push(hub, tmp_path, "--source", "upstream/sam-tiny", "--repo-id", "tester/sam-tiny-branch",
+                      "--create-pr", "--commit-message", "proposal")
+    assert result.returncode == 0, result.stderr
+    pr_sha = SHA.search(result.stdout).group(1)
+    assert "pull request" in result.stdout and hub.git("tester/sam-tiny-branch", "rev-parse", "main") == main_sha
+    assert hub.git("tester/sam-tiny-branch", "log", "-1", "--format=%s", pr_sha) == "proposal"
+
+
 def repo_exists(hub, repo_id) -> bool:
     return Path(hub.git_dir(repo_id)).exists()
 
@@ -275,17 +302,22 @@ def test_verification_mismatch_aborts_with_the_figures(hub, sources, tmp_path):
 def test_no_push_output_dir_and_argument_errors(sources, tmp_path, capsys):
     out = tmp_path / "built"
     result = subprocess.run([sys.executable, str(ROOT / "push.py"), "--source", str(sources[0] / "sam-0"),
-                             "--output-dir", str(out), "--no-push"], capture_output=True, text=True, timeout=600)
+                             "--output-dir", str(out), "--no-push", "--max-shard-size", "100KB"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        "README.md", "config.json", "configuration_sam_split.py", "model.safetensors", "modeling_sam_split.py",
-        "preprocessor_config.json"])
-    assert not [k for k in load_file(out / "model.safetensors") if "qkv" in k]
+    assert "Verified against the source" in result.stdout  # the sharded build was reloaded and compared
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert {"README.md", "config.json", "configuration_sam_split.py", "modeling_sam_split.py",
+            "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+    keys = [key for shard in shards for key in load_file(shard)]
+    assert not [key for key in keys if "qkv" in key] and "vision_encoder.layers.0.attn.q.weight" in keys
     for args, message in [
         (["--source", "x", "--no-push"], "--no-push needs --output-dir"),
         (["--source", "x"], "--repo-id is required"),
         (["--source", "x", "--repo-id", "no-namespace"], "must look like 'namespace/name'"),
         (["--source", "x", "--output-dir", str(out), "--no-push"], "exists and is not empty"),
+        (["--source", "x", "--repo-id", "a/b", "--revision", "dev", "--create-pr"], "drop --revision"),
         (["--source", "random:vit-tiny", "--output-dir", str(tmp_path / "x"), "--no-push"], "expected one of random:vit-base"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
