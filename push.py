@@ -140,24 +140,25 @@ def load_source(args) -> SamModel:
         raise PushError(f"--source {args.source}: {error}") from error
 
 
-def processor_files(args, destination: Path, image_size: int) -> None:
+def source_file(args, name: str) -> Path | None:
+    """`name` from the source checkpoint (local folder or Hub), or None where it has none."""
+    if args.source.startswith(RANDOM_PREFIX):
+        return None
+    if Path(args.source).is_dir():
+        path = Path(args.source) / name
+        return path if path.is_file() else None
+    try:
+        return Path(hf_hub_download(args.source, name, revision=args.source_revision))
+    except EntryNotFoundError:
+        return None
+
+
+def write_processor_files(args, destination: Path, image_size: int) -> None:
     """Copy the source's processor configuration, so `AutoProcessor.from_pretrained(repo)` works on the result."""
-    copied = False
-    for name in PROCESSOR_FILES:
-        if args.source.startswith(RANDOM_PREFIX):
-            break
-        if Path(args.source).is_dir():
-            path = Path(args.source) / name
-            path = path if path.is_file() else None
-        else:
-            try:
-                path = Path(hf_hub_download(args.source, name, revision=args.source_revision))
-            except EntryNotFoundError:
-                path = None
-        if path is not None:
-            shutil.copyfile(path, destination / name)
-            copied = True
-    if not copied:  # SAM's standard preprocessing, written in the version-neutral form of the released checkpoints
+    found = {name: path for name in PROCESSOR_FILES if (path := source_file(args, name)) is not None}
+    for name, path in found.items():
+        shutil.copyfile(path, destination / name)
+    if not found:  # SAM's standard preprocessing, in the version-neutral form of the released checkpoints
         (destination / "preprocessor_config.json").write_text(json.dumps({
             "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
@@ -244,7 +245,7 @@ def verify(folder: Path, source: SamModel, atol: float) -> dict:
 def build(args, source: SamModel, folder: Path) -> None:
     model = SamSplitModel.from_sam(source)
     model.save_pretrained(folder, max_shard_size=args.max_shard_size, safe_serialization=True)
-    processor_files(args, folder, model.config.vision_config.image_size)
+    write_processor_files(args, folder, model.config.vision_config.image_size)
     (folder / "README.md").write_text(model_card(args, model.config))
 
 
