@@ -3,15 +3,10 @@
 import numpy as np
 import pytest
 import torch
-import transformers
-from transformers import SamProcessor
 
 from sam_split import SamSplitModel
+from sam_split.finetune import sam_processor  # SamImageProcessorPil where transformers 5 would need torchvision
 from sam_testing import ATOL, max_abs_diff, random_stock_sam, sample_inputs
-
-# transformers 5's SamImageProcessor needs torchvision; its SamImageProcessorPil does not. 4.57 has only the former,
-# which needs no torchvision.
-IMAGE_PROCESSOR = getattr(transformers, "SamImageProcessorPil", None) or transformers.SamImageProcessor
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +18,7 @@ def models():
 def test_processor_point_and_box_prompt_to_full_size_masks(models):
     stock, model = models
     size = stock.config.vision_config.image_size
-    processor = SamProcessor(
-        IMAGE_PROCESSOR(size={"longest_edge": size}, pad_size={"height": size, "width": size})
-    )
+    processor = sam_processor(stock.config)
     image = np.random.default_rng(0).integers(0, 256, size=(48, 80, 3), dtype=np.uint8)  # height 48, width 80
     inputs = processor(
         images=image, input_points=[[[30, 20]]], input_labels=[[1]], input_boxes=[[[10, 5, 60, 40]]], return_tensors="pt"
