@@ -22,6 +22,9 @@ from .configuration_sam_split import SamSplitConfig
 logger = logging.get_logger(__name__)
 
 _PROJECTIONS = ("q", "k", "v")
+# Largest relative-position mask one SDPA call gets (64 MiB in fp32): big enough to keep the kernel efficient,
+# small next to stock SAM's full mask (800 MB per image and global layer at 1024x1024).
+_MASK_CHUNK_NUMEL = 2**24
 
 
 class SamSplitVisionAttention(SamVisionAttention):
@@ -32,8 +35,8 @@ class SamSplitVisionAttention(SamVisionAttention):
 
     The implementation is read from the config at every call, so `model.set_attn_implementation()` takes effect:
     - `"eager"`: the stock computation, returning the attention weights.
-    - anything else: the relative-position bias is folded into the dot product and SDPA runs without a mask (see
-      `_folded_sdpa`), so the `(height * width, height * width)` bias is never materialised.
+    - anything else: SDPA on its fast kernel without materialising the `(height * width, height * width)` bias per
+      head (see `_sdpa`).
     """
 
     def __init__(self, config, window_size):
@@ -57,7 +60,7 @@ class SamSplitVisionAttention(SamVisionAttention):
         if self.config._attn_implementation == "eager":
             attn_output, attn_weights = self._eager(query, key, value, height, width)
         else:
-            attn_output, attn_weights = self._folded_sdpa(query, key, value, height, width), None
+            attn_output, attn_weights = self._sdpa(query, key, value, height, width), None
 
         # (batch_size, nHead, height * width, head_dim) -> (batch_size, height, width, channel)
         attn_output = attn_output.transpose(1, 2).reshape(batch_size, height, width, -1)
@@ -77,30 +80,67 @@ class SamSplitVisionAttention(SamVisionAttention):
         attn_output = (attn_probs @ value).reshape(batch_size, num_heads, seq_len, head_dim)
         return attn_output, attn_weights
 
-    def _folded_sdpa(self, query, key, value, height, width):
-        """Attention with SAM's decomposed relative-position bias folded into the dot product.
+    def _sdpa(self, query, key, value, height, width):
+        """SDPA on its fast (flash) kernel, never materialising the full `(HW, HW)` relative-position bias per head.
 
-        The bias of query i and key j is `rel_h[i, row(j)] + rel_w[i, col(j)]`. Appending `rel_h[i]` and `rel_w[i]`
-        to the scaled query and one-hot codes of `row(j)` and `col(j)` to the key makes one dot product give
-        `scale * q.k + bias` exactly, so SDPA runs with `scale=1` and no mask. The value is zero-padded to the same
-        width because torch's fast CPU kernels want q, k and v equally wide; the padding is sliced off again.
+        The bias of query i and key j is `rel_h[i, row(j)] + rel_w[i, col(j)]`. When it needs no gradient, it is the
+        SDPA mask, built for a few query rows at a time (`_chunked_bias_sdpa`). When it does (training: LoRA on `q`),
+        it is folded into q and k (`_folded_sdpa`), because torch's CPU flash kernel cannot back-propagate into a mask
+        and SDPA would silently fall back to its slow, memory-hungry math kernel.
         """
         dropout = self.dropout if self.training else 0.0
         if not self.use_rel_pos:
             return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=self.scale)
-        batch_size, num_heads, seq_len, head_dim = query.shape
+        batch_size, num_heads, _, head_dim = query.shape
         rel_h_table = self.get_rel_pos(height, height, self.rel_pos_h)  # (height, height, head_dim)
         rel_w_table = self.get_rel_pos(width, width, self.rel_pos_w)  # (width, width, head_dim)
         grid_query = query.reshape(batch_size, num_heads, height, width, head_dim)
-        # (batch_size, nHead, height * width, height) and (..., width): bias per query and key row / key column
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table).reshape(batch_size, num_heads, seq_len, height)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table).reshape(batch_size, num_heads, seq_len, width)
+        # (batch_size, nHead, height, width, height) and (..., width): bias per query and key row / key column
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table)
+        if rel_h.requires_grad or rel_w.requires_grad:
+            return self._folded_sdpa(query, key, value, rel_h, rel_w, dropout)
+        return self._chunked_bias_sdpa(query, key, value, rel_h, rel_w, dropout)
+
+    def _chunked_bias_sdpa(self, query, key, value, rel_h, rel_w, dropout):
+        """SDPA with the bias as mask, built for a slice of images and query rows at a time (at most
+        `_MASK_CHUNK_NUMEL` values): the same FLOPs as stock SAM's SDPA, without its `(batch_size, nHead, HW, HW)` mask."""
+        batch_size, num_heads, height, width, _ = rel_h.shape
+        seq_len = height * width
+        row_numel = num_heads * width * seq_len  # mask values for one query row of one image
+        rows_per_chunk = min(height, max(1, _MASK_CHUNK_NUMEL // row_numel))
+        images_per_chunk = max(1, _MASK_CHUNK_NUMEL // (row_numel * height)) if rows_per_chunk == height else 1
+        # (batch_size, height * width, nHead, head_dim) memory seen as (batch_size, nHead, height * width, head_dim),
+        # so that forward's transpose back to (batch_size, height, width, channel) is a free view
+        attn_output = query.new_empty(batch_size, seq_len, num_heads, query.shape[-1]).transpose(1, 2)
+        for image in range(0, batch_size, images_per_chunk):
+            images = slice(image, image + images_per_chunk)
+            for row in range(0, height, rows_per_chunk):
+                rows, queries = slice(row, row + rows_per_chunk), slice(row * width, (row + rows_per_chunk) * width)
+                # (images, nHead, rows * width, height * width)
+                bias = (rel_h[images, :, rows, :, :, None] + rel_w[images, :, rows, :, None, :]).flatten(2, 3).flatten(3)
+                attn_output[images, :, queries] = F.scaled_dot_product_attention(
+                    query[images, :, queries], key[images], value[images], attn_mask=bias, dropout_p=dropout,
+                    scale=self.scale,
+                )
+        return attn_output
+
+    def _folded_sdpa(self, query, key, value, rel_h, rel_w, dropout):
+        """Attention with the relative-position bias folded into the dot product, differentiable on the flash kernel.
+
+        Appending `rel_h[i]` and `rel_w[i]` to the scaled query and one-hot codes of `row(j)` and `col(j)` to the key
+        makes one dot product give `scale * q.k + bias` exactly, so SDPA runs with `scale=1` and no mask. The value is
+        zero-padded to the same width because torch's fast CPU kernels want q, k and v equally wide; the padding is
+        sliced off again. It costs ~3x the attention FLOPs of global layers, hence only where gradients are needed.
+        """
+        batch_size, num_heads, height, width, _ = rel_h.shape
+        seq_len, head_dim = height * width, query.shape[-1]
         # (height * width, height + width): one-hot row and column of each key position
         rows = torch.eye(height, dtype=query.dtype, device=query.device).repeat_interleave(width, dim=0)
         cols = torch.eye(width, dtype=query.dtype, device=query.device).repeat(height, 1)
         key_codes = torch.cat([rows, cols], dim=-1).expand(batch_size, num_heads, seq_len, height + width)
-
-        folded_query = torch.cat([query * self.scale, rel_h, rel_w], dim=-1)
+        # (batch_size, nHead, height * width, head_dim + height + width)
+        folded_query = torch.cat([query * self.scale, rel_h.flatten(2, 3), rel_w.flatten(2, 3)], dim=-1)
         folded_key = torch.cat([key, key_codes], dim=-1)
         padded_value = F.pad(value, (0, height + width))
         attn_output = F.scaled_dot_product_attention(folded_query, folded_key, padded_value, dropout_p=dropout, scale=1.0)
@@ -129,6 +169,18 @@ def fuse_qkv_state_dict(state_dict: dict) -> dict:
         elif ".attn.k." not in name and ".attn.v." not in name:
             fused[name] = tensor
     return fused
+
+
+def _check_shape(name: str, tensor, shape) -> None:
+    """Raise a `ValueError` unless `tensor` is None or a tensor of `shape` (None entries match any size)."""
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != len(shape) or any(
+        want is not None and have != want for have, want in zip(tensor.shape, shape)
+    ):
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        wanted = ", ".join("*" if size is None else str(size) for size in shape)
+        raise ValueError(f"`{name}` must have shape ({wanted}), got {got}.")
 
 
 def _check_loading_info(loading_info: dict, source) -> None:
@@ -209,36 +261,23 @@ class SamSplitModel(SamModel):
         )
 
     def _check_inputs(self, pixel_values, input_points, input_labels, input_boxes, input_masks, image_embeddings):
-        vision = self.config.vision_config
-        grid = vision.image_size // vision.patch_size
-        expected = {
-            "pixel_values": (None, vision.num_channels, vision.image_size, vision.image_size),
-            "image_embeddings": (None, vision.output_channels, grid, grid),
-            "input_points": (None, None, None, 2),
-            "input_labels": tuple(input_points.shape[:-1]) if input_points is not None else (None, None, None),
-            "input_boxes": (None, None, 4),
-            # The mask prompt is SAM's low-resolution mask logits: 4x the embedding grid (256x256 for 1024 images).
-            "input_masks": (None, 1, 4 * grid, 4 * grid),
-        }
-        given = {
-            "pixel_values": pixel_values, "image_embeddings": image_embeddings, "input_points": input_points,
-            "input_labels": input_labels, "input_boxes": input_boxes, "input_masks": input_masks,
-        }
         if (pixel_values is None) == (image_embeddings is None):
             raise ValueError("Pass exactly one of `pixel_values` and `image_embeddings`.")
         if input_labels is not None and input_points is None:
             raise ValueError("`input_labels` were given without `input_points`: labels describe points.")
-        batch_size = (pixel_values if pixel_values is not None else image_embeddings).shape[0]
-        for name, tensor in given.items():
-            if tensor is None:
-                continue
-            shape = (batch_size, *expected[name][1:])
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() != len(shape) or any(
-                want is not None and have != want for have, want in zip(tensor.shape, shape)
-            ):
-                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                wanted = "(" + ", ".join("*" if size is None else str(size) for size in shape) + ")"
-                raise ValueError(f"`{name}` must have shape {wanted} (batch size {batch_size}), got {got}.")
+        vision = self.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        if pixel_values is not None:
+            _check_shape("pixel_values", pixel_values, (None, vision.num_channels, vision.image_size, vision.image_size))
+            batch_size = pixel_values.shape[0]
+        else:
+            _check_shape("image_embeddings", image_embeddings, (None, vision.output_channels, grid, grid))
+            batch_size = image_embeddings.shape[0]
+        _check_shape("input_points", input_points, (batch_size, None, None, 2))
+        _check_shape("input_labels", input_labels, input_points.shape[:-1] if input_points is not None else ())
+        _check_shape("input_boxes", input_boxes, (batch_size, None, 4))
+        # The mask prompt is SAM's low-resolution mask logits: 4x the embedding grid (256x256 for 1024 images).
+        _check_shape("input_masks", input_masks, (batch_size, 1, 4 * grid, 4 * grid))
         if input_points is not None and input_labels is None:
             logger.warning_once(
                 "`input_points` without `input_labels`: every point is taken as foreground (label 1), as SamModel "
@@ -270,7 +309,7 @@ class SamSplitModel(SamModel):
         if not isinstance(sam, SamModel):
             if not isinstance(sam, (str, os.PathLike)):
                 raise TypeError(f"from_sam() expects a SamModel, a folder or a Hub id, got {type(sam).__name__}.")
-            sam = _load_stock_sam(sam, **from_pretrained_kwargs)
+            sam = load_stock_sam(sam, **from_pretrained_kwargs)
         elif from_pretrained_kwargs:
             raise TypeError(f"from_sam() got loading arguments {sorted(from_pretrained_kwargs)} with a loaded model.")
         config = SamSplitConfig(**_sam_config_kwargs(sam.config))
@@ -286,7 +325,7 @@ class SamSplitModel(SamModel):
         return _build_and_load(SamModel, config, fuse_qkv_state_dict(self.state_dict()))
 
 
-def _load_stock_sam(name_or_path, **from_pretrained_kwargs) -> SamModel:
+def load_stock_sam(name_or_path, **from_pretrained_kwargs) -> SamModel:
     """`SamModel.from_pretrained`, refusing non-SAM checkpoints and incomplete ones instead of warning."""
     config_dict, _ = SamConfig.get_config_dict(name_or_path, **from_pretrained_kwargs)
     model_type = config_dict.get("model_type")
@@ -306,4 +345,4 @@ def _load_stock_sam(name_or_path, **from_pretrained_kwargs) -> SamModel:
 SamSplitConfig.register_for_auto_class()
 SamSplitModel.register_for_auto_class("AutoModel")
 
-__all__ = ["SamSplitModel", "SamSplitVisionAttention", "split_qkv_state_dict", "fuse_qkv_state_dict"]
+__all__ = ["SamSplitModel", "SamSplitVisionAttention", "load_stock_sam", "split_qkv_state_dict", "fuse_qkv_state_dict"]
