@@ -231,6 +231,14 @@ class SamSplitModel(SamModel):
             layer.attn = SamSplitVisionAttention(config.vision_config, layer.window_size)
         self.post_init()
 
+    if not hasattr(SamModel, "activation_checkpointing_enable"):  # transformers 4.x; 5.x is non-reentrant already
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            """Non-reentrant checkpointing by default, as in transformers 5. 4.x defaults to re-entrant checkpointing,
+            which gives LoRA weights inside a checkpointed vision layer no gradient when the layer's input (from the
+            frozen patch embedding) needs none."""
+            super().gradient_checkpointing_enable({"use_reentrant": False, **(gradient_checkpointing_kwargs or {})})
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,

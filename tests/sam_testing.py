@@ -102,11 +102,10 @@ def add_lora(model, rank: int = 16, seed: int | None = None):
 
 
 def enable_checkpointing(model) -> None:
-    """Checkpoint every vision layer, by the name this transformers version has (5.x deprecates
-    `gradient_checkpointing_enable` for `activation_checkpointing_enable`). Non-reentrant, 5.x's default: with 4.57's
-    reentrant default, LoRA in the checkpointed layers gets no gradient, as their frozen inputs do not require grad."""
+    """Checkpoint every vision layer with the model's defaults, by the name this transformers version has (5.x
+    deprecates `gradient_checkpointing_enable` for `activation_checkpointing_enable`)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
+    enable()
 
 
 def hub_env(url: str, hf_home, token: str | None = None, **extra) -> dict:

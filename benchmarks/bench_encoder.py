@@ -1,0 +1,376 @@
+"""Latency, peak memory and accuracy of SamSplitModel's vision encoder against stock transformers SAM.
+
+Configurations (all on the same random N(0, 0.05) weights and the same input):
+  stock-eager, stock-sdpa         transformers' SamModel vision encoder, `attn_implementation` eager / sdpa
+  stock-sdpa-compiled             the same under `torch.compile` (first call, i.e. compilation, reported apart)
+  ours, ours-compiled             SamSplitModel's vision encoder (attn_implementation sdpa), plain and compiled
+  segment-anything                Meta's `ImageEncoderViT`, only where `segment_anything` is importable
+  stock-sdpa-bf16, ours-bf16      on a GPU only
+With --train-step, one LoRA (r=16 on q, v) training step (forward and backward of the full model, batch 1), with
+and without gradient checkpointing, for
+  train-sdpa-math(-ckpt)          split q/k/v computing stock SDPA's way: the full bias as mask, which needs grad with
+                                  LoRA on q, so SDPA falls back to its math kernel
+  train-ours(-ckpt)               SamSplitModel
+
+Every configuration runs in a fresh worker process, so its peak RSS (VmHWM, whole process life, model included) is
+its own; the baseline RSS after loading the model is printed beside it. The workers are driven round-robin (one call
+each per repeat) so that load from other processes on the machine hits all of them alike; the load average is
+printed with the results. The floor is the encoder's FLOPs (counted analytically) at this machine's fp32 GEMM rate
+(measured in the same run).
+
+    python benchmarks/bench_encoder.py                                  # vit-base, 1024x1024, batch 1 and 4
+    python benchmarks/bench_encoder.py --train-step --json out.json
+    python benchmarks/bench_encoder.py --config tiny --repeats 1        # smoke run, under a minute
+    python benchmarks/bench_encoder.py --only stock-sdpa ours --batch-sizes 1
+"""
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import SamConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from sam_testing import (  # noqa: E402
+    add_lora,
+    enable_checkpointing,
+    max_abs_diff,
+    random_stock_sam,
+    sample_inputs,
+    tiny_sam_config,
+    vit_base_config,
+)
+
+from sam_split import SamSplitModel  # noqa: E402
+from sam_split.modeling_sam_split import SamSplitVisionAttention  # noqa: E402
+
+SIZES = {"vit-base": vit_base_config, "tiny": tiny_sam_config}
+ENCODERS = ("stock-eager", "stock-sdpa", "stock-sdpa-compiled", "ours", "ours-compiled", "segment-anything")
+GPU_ENCODERS = ("stock-sdpa-bf16", "ours-bf16")
+TRAIN_STEPS = ("train-sdpa-math", "train-sdpa-math-ckpt", "train-ours", "train-ours-ckpt")
+
+
+def sam_config(size: str, image_size: int | None) -> SamConfig:
+    config = SIZES[size]().to_dict()
+    if image_size:
+        config["vision_config"]["image_size"] = config["prompt_encoder_config"]["image_size"] = image_size
+        config["prompt_encoder_config"].pop("image_embedding_size")  # derived from image_size in __init__
+    return SamConfig(**{name: config[name] for name in ("vision_config", "prompt_encoder_config", "mask_decoder_config")})
+
+
+def encoder_gflop(config: SamConfig) -> float:
+    """fp32 FLOPs (2 per multiply-add) of one image through the vision encoder, as computed, i.e. with the windowed
+    layers' padding; softmax, norms and activations are left out."""
+    vision = config.vision_config
+    grid, channels, mlp = vision.image_size // vision.patch_size, vision.hidden_size, vision.mlp_dim
+    flops = 2 * grid**2 * channels * vision.num_channels * vision.patch_size**2  # patch embedding
+    for index in range(vision.num_hidden_layers):
+        window = grid if index in vision.global_attn_indexes else vision.window_size
+        tokens = (-(-grid // window) * window) ** 2  # padded to whole windows
+        flops += 2 * tokens * channels * (4 * channels + 2 * mlp)  # q, k, v, proj, mlp
+        flops += 4 * tokens * window**2 * channels  # q @ k^T and probs @ v over each window
+        flops += 2 * tokens * channels * 2 * window  # decomposed relative-position bias
+    flops += 2 * grid**2 * vision.output_channels * (channels + 9 * vision.output_channels)  # neck
+    return flops / 1e9
+
+
+def gemm_gflops(device: str) -> float:
+    """Best fp32 GEMM rate of a few (4096 x 768) @ (768 x 3072) products: the shape of the encoder's MLP."""
+    a, b = torch.randn(4096, 768, device=device), torch.randn(768, 3072, device=device)
+    best = float("inf")
+    for _ in range(8):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 768 * 3072 / best / 1e9
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_gb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process from /proc/self/status, in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def stock_sdpa_math(self, query, key, value, height, width):
+    """Stock `SamVisionSdpaAttention`'s computation on split q/k/v: the full bias as SDPA mask. With LoRA on q the
+    mask needs grad, and torch's CPU SDPA then silently takes its math kernel: the training baseline."""
+    batch_size, num_heads, seq_len, head_dim = query.shape
+    bias = self.get_decomposed_rel_pos(
+        query.reshape(batch_size * num_heads, seq_len, head_dim), self.rel_pos_h, self.rel_pos_w, (height, width),
+        (height, width),
+    )
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.reshape(batch_size, num_heads, seq_len, -1))
+
+
+def segment_anything_encoder(config: SamConfig, stock_encoder):
+    """Meta's `ImageEncoderViT` with the sizes of `config` and the weights of transformers' `stock_encoder`."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT
+
+    vision = config.vision_config
+    encoder = ImageEncoderViT(
+        img_size=vision.image_size, patch_size=vision.patch_size, embed_dim=vision.hidden_size,
+        depth=vision.num_hidden_layers, num_heads=vision.num_attention_heads,
+        mlp_ratio=vision.mlp_dim / vision.hidden_size, out_chans=vision.output_channels, qkv_bias=vision.qkv_bias,
+        norm_layer=partial(torch.nn.LayerNorm, eps=vision.layer_norm_eps), use_rel_pos=vision.use_rel_pos,
+        window_size=vision.window_size, global_attn_indexes=tuple(vision.global_attn_indexes),
+    )
+    renames = [("patch_embed.projection.", "patch_embed.proj."), ("layers.", "blocks."), (".layer_norm1.", ".norm1."),
+               (".layer_norm2.", ".norm2."), ("neck.conv1.", "neck.0."), ("neck.layer_norm1.", "neck.1."),
+               ("neck.conv2.", "neck.2."), ("neck.layer_norm2.", "neck.3.")]
+    state_dict = {}
+    for name, tensor in stock_encoder.state_dict().items():
+        for old, new in renames:
+            name = name.replace(old, new)
+        state_dict[name] = tensor
+    encoder.load_state_dict(state_dict, strict=True)
+    return encoder.eval()
+
+
+def build(spec: dict):
+    """The model of one configuration and a function running it once and returning the tensor to compare."""
+    config, name, device = sam_config(spec["size"], spec["image_size"]), spec["name"], spec["device"]
+    dtype = torch.bfloat16 if name.endswith("-bf16") else torch.float32
+    inputs = sample_inputs(config, spec["batch_size"])
+    inputs = {key: value.to(device, dtype if value.is_floating_point() and key == "pixel_values" else value.dtype)
+              for key, value in inputs.items()}
+    eager = name == "stock-eager"
+    stock = random_stock_sam(config, attn_implementation="eager" if eager else "sdpa")
+
+    if name == "full-model":  # masks and IoU of ours against stock eager through the whole model, once
+        ours = SamSplitModel.from_sam(stock)
+        reference = random_stock_sam(config, attn_implementation="eager")  # same seed, same weights
+
+        def run():
+            with torch.no_grad():
+                expected, actual = reference(**inputs), ours(**inputs)
+            return {key: max_abs_diff(getattr(expected, key), getattr(actual, key)) for key in ("pred_masks", "iou_scores")}
+        return run
+
+    if name.startswith("train-"):
+        model = SamSplitModel.from_sam(stock)
+        del stock
+        if "sdpa-math" in name:
+            for layer in model.vision_encoder.layers:
+                layer.attn._sdpa = stock_sdpa_math.__get__(layer.attn, SamSplitVisionAttention)
+        if name.endswith("-ckpt"):
+            enable_checkpointing(model)
+        model = add_lora(model, seed=1).to(device).train()
+        lora = [parameter for parameter_name, parameter in model.named_parameters() if "lora_" in parameter_name]
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            outputs = model(**inputs)
+            (outputs.pred_masks.pow(2).mean() + outputs.iou_scores.pow(2).mean()).backward()
+            return torch.cat([parameter.grad.flatten() for parameter in lora])
+        return run
+
+    if name == "segment-anything":
+        encoder = segment_anything_encoder(config, stock.vision_encoder)
+    elif name.startswith("ours"):
+        encoder = SamSplitModel.from_sam(stock).vision_encoder
+    else:
+        encoder = stock.vision_encoder
+    del stock
+    encoder = encoder.to(device, dtype)
+    if name.endswith("-compiled"):
+        encoder = torch.compile(encoder)
+
+    def run():
+        with torch.no_grad():
+            output = encoder(inputs["pixel_values"])
+        return output if isinstance(output, torch.Tensor) else output.last_hidden_state
+    return run
+
+
+def worker(connection, spec: dict) -> None:
+    """Build one configuration, then answer the parent: "run" -> seconds of one call; "finish" -> memory and output."""
+    try:
+        run = build(spec)
+        connection.send({"baseline_rss_gb": rss_gb("VmRSS")})
+        while connection.recv() == "run":
+            synchronize(spec["device"])
+            start = time.perf_counter()
+            output = run()
+            synchronize(spec["device"])
+            connection.send(time.perf_counter() - start)
+        # as numpy: a tensor would be sent as shared memory, which dies with this process
+        result = {"peak_rss_gb": rss_gb("VmHWM"),
+                  "output": output.float().cpu().numpy() if torch.is_tensor(output) else output}
+        if spec["device"] == "cuda":
+            result["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        connection.send(result)
+    except Exception as error:  # reported by the parent, with the configuration's name
+        connection.send({"error": f"{type(error).__name__}: {error}"})
+
+
+def round_robin(specs: list[dict], repeats: int) -> list[dict]:
+    """Start one worker per spec, time a first call each, then `repeats` calls each, interleaved."""
+    # Workers fork from a server that imported the libraries once but ran nothing, so they start in well under a
+    # second yet are as fresh as spawned ones (no OpenMP thread pool or CUDA context inherited).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "peft", "sam_split", "sam_testing"])
+    workers = []
+    for spec in specs:
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=worker, args=(child_end, spec), daemon=True)
+        process.start()
+        workers.append((spec, parent_end, process))
+    rows = []
+    for spec, connection, _ in workers:
+        rows.append({**spec, "times_s": [], **connection.recv()})
+    for repeat in range(repeats + 1):
+        for row, (_, connection, _) in zip(rows, workers):
+            if "error" in row:
+                continue
+            connection.send("run")
+            answer = connection.recv()
+            if isinstance(answer, dict):
+                row.update(answer)
+            elif repeat == 0:
+                row["first_call_s"] = answer
+            else:
+                row["times_s"].append(answer)
+            print(f"  {row['name']:<22} batch {row['batch_size']}  {answer if isinstance(answer, dict) else f'{answer:.2f} s'}",
+                  flush=True)
+    for row, (_, connection, process) in zip(rows, workers):
+        if "error" not in row:
+            connection.send("finish")
+            row.update(connection.recv())
+        process.join(timeout=60)
+        if row["times_s"]:
+            row["median_s"] = statistics.median(row["times_s"])
+    return rows
+
+
+def ratio(value, reference):
+    return None if value is None or not reference else value / reference
+
+
+def fmt(value, spec=".2f"):
+    return "-" if value is None else format(value, spec)
+
+
+def summarise(rows: list[dict], reference: str, diff_reference: str, floor_s_per_image: float | None = None) -> None:
+    """Per batch size: time and peak RSS as ratios to `reference`'s, time to the floor, max abs diff of the output
+    to `diff_reference`'s (the output tensors are dropped, to keep the JSON small)."""
+    for batch_size in sorted({row["batch_size"] for row in rows}):
+        same = {row["name"]: row for row in rows if row["batch_size"] == batch_size and "error" not in row}
+        base, diff_base = same.get(reference, {}), same.get(diff_reference, {})
+        for row in same.values():
+            row["time_ratio"] = ratio(row.get("median_s"), base.get("median_s"))
+            row["rss_ratio"] = ratio(row.get("peak_rss_gb"), base.get("peak_rss_gb"))
+            if floor_s_per_image:
+                row["x_floor"] = ratio(row.get("median_s"), floor_s_per_image * batch_size)
+            if "output" in diff_base:
+                row["max_abs_diff"] = max_abs_diff(torch.from_numpy(row["output"]), torch.from_numpy(diff_base["output"]))
+    for row in rows:
+        row.pop("output", None)
+
+
+def print_table(title: str, rows: list[dict], reference: str) -> None:
+    """max|diff| is against stock eager's output (encoder) or the baseline's LoRA gradients (training step)."""
+    print(f"\n{title}")
+    header = (f"{'configuration':<22} {'batch':>5} {'first s':>8} {'median s':>9} {'x ' + reference:>14} {'x floor':>8} "
+              f"{'base GB':>8} {'peak GB':>8} {'RSS x ' + reference:>18} {'max|diff|':>10}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        if "error" in row:
+            print(f"{row['name']:<22} {row['batch_size']:>5}  skipped: {row['error']}")
+            continue
+        print(f"{row['name']:<22} {row['batch_size']:>5} {fmt(row.get('first_call_s')):>8} {fmt(row.get('median_s')):>9} "
+              f"{fmt(row.get('time_ratio')):>14} {fmt(row.get('x_floor')):>8} {fmt(row.get('baseline_rss_gb')):>8} "
+              f"{fmt(row.get('peak_rss_gb')):>8} {fmt(row.get('rss_ratio')):>18} "
+              f"{fmt(row.get('max_abs_diff'), '.1e'):>10}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--config", choices=sorted(SIZES), default="vit-base", help="model size (default vit-base)")
+    parser.add_argument("--image-size", type=int, help="input side in pixels (default: the config's, 1024 for vit-base)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="encoder batch sizes (default 1 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per configuration after a first call")
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=ENCODERS + GPU_ENCODERS + TRAIN_STEPS,
+                        help="run only these configurations (encoder or train-step names)")
+    parser.add_argument("--train-step", action="store_true", help="also time LoRA training steps (batch 1)")
+    parser.add_argument("--json", type=Path, help="write all results here")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = sam_config(args.config, args.image_size)
+    encoders = [name for name in ENCODERS + (GPU_ENCODERS if device == "cuda" else ()) if not args.only or name in args.only]
+    try:
+        import segment_anything  # noqa: F401
+    except ImportError:
+        encoders = [name for name in encoders if name != "segment-anything"]
+        print("segment_anything is not importable: skipping Meta's encoder")
+    train_steps = [name for name in TRAIN_STEPS if args.train_step and (not args.only or name in args.only)]
+
+    gflop = encoder_gflop(config)
+    gemm = gemm_gflops(device)
+    meta = {
+        "date": datetime.date.today().isoformat(), "device": device, "cpu_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "config": args.config, "image_size": config.vision_config.image_size,
+        "encoder_gflop_per_image": gflop, "loadavg_start": os.getloadavg(),
+    }
+    print(f"{args.config} encoder at {meta['image_size']}px: {gflop:.0f} GFLOP/image; fp32 GEMM now {gemm:.0f} GFLOP/s; "
+          f"{meta['cpu_threads']} threads on {device}; load {meta['loadavg_start']}")
+
+    base = {"size": args.config, "image_size": args.image_size, "device": device}
+    rows = []
+    for batch_size in args.batch_sizes:
+        rows += round_robin([{**base, "name": name, "batch_size": batch_size} for name in encoders], args.repeats)
+    # the best GEMM rate seen, before or after the encoder runs: the floor must not move with other processes' load
+    gemm = max(gemm, gemm_gflops(device))
+    floor_s = gflop / gemm
+    meta.update(gemm_fp32_gflops=gemm, floor_s_per_image=floor_s)
+    summarise(rows, "stock-sdpa", "stock-eager", floor_s)
+    full = round_robin([{**base, "name": "full-model", "batch_size": 1}], 0)[0] if "ours" in encoders else {}
+    if "output" in full:
+        full["max_abs_diff"] = full.pop("output")  # {"pred_masks": ..., "iou_scores": ...}
+    train = round_robin([{**base, "name": name, "batch_size": 1} for name in train_steps], args.repeats)
+    summarise(train, "train-sdpa-math", "train-sdpa-math")
+    meta["loadavg_end"] = os.getloadavg()
+
+    print_table(f"Vision encoder, {args.config} {meta['image_size']}px, {device}, median of {args.repeats} "
+                f"(floor {floor_s:.2f} s/image at {gemm:.0f} GFLOP/s)", rows, "stock-sdpa")
+    if full:
+        print(f"\nFull model, batch 1, ours vs stock eager: max|diff| {full.get('max_abs_diff') or full.get('error')}")
+    if train:
+        print_table("LoRA (r=16 on q, v) training step, forward + backward, batch 1", train, "train-sdpa-math")
+    print(f"\nload average: start {meta['loadavg_start']}, end {meta['loadavg_end']} ({os.cpu_count()} cores)")
+
+    results = {"meta": meta, "encoder": rows, "full_model": full, "train_step": train}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
