@@ -159,7 +159,9 @@ def test_vit_base_shape_at_1024():
     """One test on the real sam-vit-base shape: 64x64 patch grid, 14x14 windows padded to 70, global layers. Stock runs
     its eager path, ours the default folded-SDPA one; each encoder runs once (~10 s each here)."""
     reference = random_stock_sam(vit_base_config(), attn_implementation="eager")
-    model = SamSplitModel.from_sam(reference)
+    model = SamSplitModel.from_sam(reference)  # takes over the source's "eager"...
+    model.set_attn_implementation("sdpa")  # ...so switch to the default, memory-lean path
+    assert model.vision_encoder.layers[0].attn.config._attn_implementation == "sdpa"
     inputs = sample_inputs(reference.config, batch_size=1)
     prompt = {"input_points": inputs["input_points"], "input_labels": inputs["input_labels"]}
     with torch.no_grad():
