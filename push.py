@@ -179,9 +179,8 @@ def model_card(args, config) -> str:
     )
     vision = config.vision_config
     body = Template((HERE / "model_card_template.md").read_text()).substitute(
-        repo_id=args.repo_id or "<namespace>/<name>",
-        source=args.source,
-        source_revision=args.source_revision or "main",
+        repo_id=args.repo_id or args.output_dir.name,
+        source=f"`{args.source}`" if random_weights else f"`{args.source}` (revision `{args.source_revision or 'main'}`)",
         sizes=f"hidden size {vision.hidden_size}, {vision.num_hidden_layers} layers, {vision.num_attention_heads} "
               f"heads, global attention in layers {list(vision.global_attn_indexes)}",
         warning="> **Randomly initialised weights**: this repository was built from `random:` for demonstration; "
