@@ -95,9 +95,11 @@ class SamSplitVisionAttention(SamVisionAttention):
         rel_h_table = self.get_rel_pos(height, height, self.rel_pos_h)  # (height, height, head_dim)
         rel_w_table = self.get_rel_pos(width, width, self.rel_pos_w)  # (width, width, head_dim)
         grid_query = query.reshape(batch_size, num_heads, height, width, head_dim)
-        # (batch_size, nHead, height, width, height) and (..., width): bias per query and key row / key column
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table)
+        # (batch_size, nHead, height, width, height) and (..., width): bias per query and key row / key column.
+        # einsum returns them permuted in memory; made contiguous (they are small), the masks summed from them below
+        # come out contiguous too, so flattening them for SDPA costs no copy of the (much larger) mask.
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table).contiguous()
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table).contiguous()
         if rel_h.requires_grad or rel_w.requires_grad:
             return self._folded_sdpa(query, key, value, rel_h, rel_w, dropout)
         return self._chunked_bias_sdpa(query, key, value, rel_h, rel_w, dropout)
