@@ -764,13 +764,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if total > limit:
                     self.close_connection = True
                     raise HubError(413, "Request body too large")
-                remaining = size
-                while remaining:
-                    chunk = self.rfile.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        raise HubError(400, "Truncated chunked body")
-                    remaining -= len(chunk)
-                    yield chunk
+                yield from self._read_exactly(size, "Truncated chunked body")
                 self.rfile.readline(16)  # CRLF after each chunk
         else:
             try:
@@ -781,13 +775,16 @@ class _Handler(BaseHTTPRequestHandler):
             if length < 0 or length > limit:
                 self.close_connection = True
                 raise HubError(413, "Request body too large")
-            remaining = length
-            while remaining:
-                chunk = self.rfile.read(min(remaining, 1 << 20))
-                if not chunk:
-                    raise HubError(400, "Truncated body")
-                remaining -= len(chunk)
-                yield chunk
+            yield from self._read_exactly(length, "Truncated body")
+
+    def _read_exactly(self, size, truncated_message):
+        """Yield `size` bytes of the request body in pieces of at most 1 MiB."""
+        while size:
+            chunk = self.rfile.read(min(size, 1 << 20))
+            if not chunk:
+                raise HubError(400, truncated_message)
+            size -= len(chunk)
+            yield chunk
 
     def read_body(self, limit=MAX_API_BODY):
         return b"".join(self._iter_body(limit))
