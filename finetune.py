@@ -36,7 +36,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
