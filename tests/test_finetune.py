@@ -24,6 +24,16 @@ from sam_testing import hub_env, max_abs_diff, random_stock_sam, run_python, sam
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def free_port() -> int:
+    """A free loopback port for the DDP rendezvous: accelerate's fixed default (29500) can hang on a port still held
+    by another job."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 # Shared by the runs below: in-process, no DataLoader workers (their start-up costs more than these tiny steps).
 FAST = ["--num-workers", "0", "--batch-size", "4"]
 
@@ -296,7 +306,7 @@ def test_saved_dataset_gives_the_same_samples_as_the_folder(data, tmp_path):
 
 def test_two_ddp_processes_end_with_identical_weights(data, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
                "--cpu", "--model", str(data["base"]), "--train-data", str(data["train"]), "--val-data",
                str(data["val"]), "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--train-decoder",
                "--lr", "1e-2", *FAST]
