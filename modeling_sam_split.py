@@ -8,7 +8,9 @@ converted explicitly (`from_sam` / `to_sam`): transformers 5 loads weights witho
 Supported: transformers 4.57 and 5.x. Only torch and transformers are imported, as the Hub's remote-code loader demands.
 """
 
+import itertools
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +24,126 @@ from .configuration_sam_split import SamSplitConfig
 logger = logging.get_logger(__name__)
 
 _PROJECTIONS = ("q", "k", "v")
-# Largest relative-position mask one SDPA call gets (64 MiB in fp32): big enough to keep the kernel efficient,
-# small next to stock SAM's full mask (800 MB per image and global layer at 1024x1024).
-_MASK_CHUNK_NUMEL = 2**24
+# Largest relative-position mask one SDPA call gets (4 MiB in fp32, against stock SAM's 800 MB per image and global
+# layer at 1024x1024): small enough to be still in cache when SDPA reads it. Measured per global layer at 1024x1024
+# on 2 CPU cores: 0.315 s with these chunks (one head, four query rows), 0.52 s with 64 MiB chunks (all heads),
+# 0.306 s for SDPA given a ready full mask.
+_MASK_CHUNK_NUMEL = 2**20
+
+
+def _bias_chunks(batch_size: int, num_heads: int, height: int, width: int):
+    """Slices `(images, heads, rows, queries)` that cover every attention score once, each with a bias of at most
+    `_MASK_CHUNK_NUMEL` values. Query rows are split first, then heads, then images: a global layer takes one head and
+    a few rows per chunk (its keys and values stay in cache from one chunk to the next), a windowed layer whole
+    windows."""
+    seq_len = height * width
+    rows_per_chunk = min(height, max(1, _MASK_CHUNK_NUMEL // (width * seq_len)))
+    heads_per_chunk = min(num_heads, max(1, _MASK_CHUNK_NUMEL // seq_len**2)) if rows_per_chunk == height else 1
+    images_per_chunk = max(1, _MASK_CHUNK_NUMEL // (num_heads * seq_len**2)) if heads_per_chunk == num_heads else 1
+    for image, head, row in itertools.product(
+        range(0, batch_size, images_per_chunk), range(0, num_heads, heads_per_chunk), range(0, height, rows_per_chunk)
+    ):
+        rows = slice(row, row + rows_per_chunk)
+        queries = slice(row * width, rows.stop * width)
+        yield slice(image, image + images_per_chunk), slice(head, head + heads_per_chunk), rows, queries
+
+
+def _chunk_bias(rel_h, rel_w, images, heads, rows) -> torch.Tensor:
+    """(images, heads, rows * width, height * width): the relative-position bias of one chunk's queries."""
+    return (rel_h[images, heads, rows, :, :, None] + rel_w[images, heads, rows, :, None, :]).flatten(2, 3).flatten(3)
+
+
+def _new_attention_output(query: torch.Tensor) -> torch.Tensor:
+    """An uninitialised output for `query` (batch_size, nHead, height * width, head_dim), laid out in memory as
+    (batch_size, height * width, nHead, head_dim), so that turning it back into channels is a free view."""
+    batch_size, num_heads, seq_len, head_dim = query.shape
+    return query.new_empty(batch_size, seq_len, num_heads, head_dim).transpose(1, 2)
+
+
+def _op_name(stem: str) -> str:
+    """`sam_split::<module>_<stem>`: torch registers an op name once per process, and the Hub imports each revision of
+    this file as its own module. A number is appended if this very module was executed before (a reload)."""
+    stem = re.sub(r"\W", "_", f"{__name__}_{stem}")
+    candidates = (stem, *(f"{stem}{number}" for number in range(1, 1000)))
+    return "sam_split::" + next(name for name in candidates if not hasattr(torch.ops.sam_split, name))
+
+
+# Custom ops, so that `torch.compile` sees each as one node instead of unrolling the chunk loops (minutes of compiling).
+@torch.library.custom_op(_op_name("rel_pos_attention"), mutates_args=())
+def rel_pos_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(scale * query @ key^T + bias) @ value with SAM's decomposed relative-position bias
+    `bias[i, j] = rel_h[i, row(j)] + rel_w[i, col(j)]`, without ever holding the `(HW, HW)` bias of a whole head.
+
+    query, key, value: (batch_size, nHead, height * width, head_dim); rel_h: (batch_size, nHead, height, width, height)
+    and rel_w: (batch_size, nHead, height, width, width), the bias per query and key row / key column. SDPA gets the
+    bias as mask one `_bias_chunks` chunk at a time: stock SAM's FLOPs on the flash kernel, without its
+    `(batch_size, nHead, HW, HW)` mask, and faster, since each chunk's mask is still in cache when SDPA reads it.
+    """
+    batch_size, num_heads, height, width, _ = rel_h.shape
+    attn_output = _new_attention_output(query)
+    for images, heads, rows, queries in _bias_chunks(batch_size, num_heads, height, width):
+        attn_output[images, heads, queries] = F.scaled_dot_product_attention(
+            query[images, heads, queries], key[images, heads], value[images, heads],
+            attn_mask=_chunk_bias(rel_h, rel_w, images, heads, rows), scale=scale,
+        )
+    return attn_output
+
+
+@torch.library.custom_op(_op_name("rel_pos_attention_backward"), mutates_args=())
+def rel_pos_attention_backward(
+    grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rel_h: torch.Tensor,
+    rel_w: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `rel_pos_attention` for query, key, value, rel_h and rel_w, one chunk of the bias at a time.
+
+    Per chunk it recomputes the attention probabilities and applies the softmax backward: five matrix products of
+    head_dim width and no `(HW, HW)` tensor. (torch's flash kernel cannot back-propagate into a mask; given one that
+    needs grad, SDPA silently falls back to its math kernel and the full mask, as stock SAM does under LoRA on q.)
+    """
+    grads = grad_query, grad_key, grad_value, grad_rel_h, grad_rel_w = [
+        torch.zeros_like(tensor) for tensor in (query, key, value, rel_h, rel_w)
+    ]
+    batch_size, num_heads, height, width, _ = rel_h.shape
+    for images, heads, rows, queries in _bias_chunks(batch_size, num_heads, height, width):
+        chunk_query, chunk_key, chunk_value = query[images, heads, queries], key[images, heads], value[images, heads]
+        chunk_grad_output = grad_output[images, heads, queries]
+        # (images, heads, rows * width, height * width): the probabilities, then the gradient of the scores
+        scores = torch.matmul(chunk_query, chunk_key.transpose(-2, -1)).mul_(scale)
+        probs = torch.softmax(scores.add_(_chunk_bias(rel_h, rel_w, images, heads, rows)), dim=-1)
+        grad_scores = torch.matmul(chunk_grad_output, chunk_value.transpose(-2, -1))
+        grad_scores = grad_scores.sub_((probs * grad_scores).sum(-1, keepdim=True)).mul_(probs)
+        grad_query[images, heads, queries] = torch.matmul(grad_scores, chunk_key).mul_(scale)
+        grad_key[images, heads] += torch.matmul(grad_scores.transpose(-2, -1), chunk_query).mul_(scale)
+        grad_value[images, heads] += torch.matmul(probs.transpose(-2, -1), chunk_grad_output)
+        # the bias gradient, summed over key columns (rel_h) and over key rows (rel_w)
+        grad_scores = grad_scores.unflatten(2, (-1, width)).unflatten(-1, (height, width))
+        grad_rel_h[images, heads, rows] = grad_scores.sum(-1)
+        grad_rel_w[images, heads, rows] = grad_scores.sum(-2)
+    return tuple(grads)
+
+
+@rel_pos_attention.register_fake
+def _rel_pos_attention_shape(query, key, value, rel_h, rel_w, scale):
+    return _new_attention_output(query)
+
+
+@rel_pos_attention_backward.register_fake
+def _rel_pos_attention_backward_shapes(grad_output, query, key, value, rel_h, rel_w, scale):
+    return tuple(torch.empty_like(tensor) for tensor in (query, key, value, rel_h, rel_w))
+
+
+def _save_for_backward(ctx, inputs, output):
+    *tensors, ctx.scale = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _rel_pos_attention_grads(ctx, grad_output):
+    return *rel_pos_attention_backward(grad_output, *ctx.saved_tensors, ctx.scale), None  # no gradient for scale
+
+
+rel_pos_attention.register_autograd(_rel_pos_attention_grads, setup_context=_save_for_backward)
 
 
 class SamSplitVisionAttention(SamVisionAttention):
@@ -83,10 +202,9 @@ class SamSplitVisionAttention(SamVisionAttention):
     def _sdpa(self, query, key, value, height, width):
         """SDPA on its fast (flash) kernel, never materialising the full `(HW, HW)` relative-position bias per head.
 
-        The bias of query i and key j is `rel_h[i, row(j)] + rel_w[i, col(j)]`. When it needs no gradient, it is the
-        SDPA mask, built for a few query rows at a time (`_chunked_bias_sdpa`). When it does (training: LoRA on `q`),
-        it is folded into q and k (`_folded_sdpa`), because torch's CPU flash kernel cannot back-propagate into a mask
-        and SDPA would silently fall back to its slow, memory-hungry math kernel.
+        The bias of query i and key j is `rel_h[i, row(j)] + rel_w[i, col(j)]`; `rel_pos_attention` computes the
+        attention with it, one small chunk of the bias at a time, forward and backward. Training with attention
+        dropout folds the bias into q and k instead (`_folded_sdpa`).
         """
         dropout = self.dropout if self.training else 0.0
         if not self.use_rel_pos:
@@ -100,40 +218,18 @@ class SamSplitVisionAttention(SamVisionAttention):
         # come out contiguous too, so flattening them for SDPA costs no copy of the (much larger) mask.
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table).contiguous()
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table).contiguous()
-        if rel_h.requires_grad or rel_w.requires_grad:
+        if dropout:  # rel_pos_attention's backward recomputes the probabilities: it could not redraw SDPA's dropout
             return self._folded_sdpa(query, key, value, rel_h, rel_w, dropout)
-        return self._chunked_bias_sdpa(query, key, value, rel_h, rel_w, dropout)
-
-    def _chunked_bias_sdpa(self, query, key, value, rel_h, rel_w, dropout):
-        """SDPA with the bias as mask, built for a slice of images and query rows at a time (at most
-        `_MASK_CHUNK_NUMEL` values): the same FLOPs as stock SAM's SDPA, without its `(batch_size, nHead, HW, HW)` mask."""
-        batch_size, num_heads, height, width, _ = rel_h.shape
-        seq_len = height * width
-        row_numel = num_heads * width * seq_len  # mask values for one query row of one image
-        rows_per_chunk = min(height, max(1, _MASK_CHUNK_NUMEL // row_numel))
-        images_per_chunk = max(1, _MASK_CHUNK_NUMEL // (row_numel * height)) if rows_per_chunk == height else 1
-        # (batch_size, height * width, nHead, head_dim) memory seen as (batch_size, nHead, height * width, head_dim),
-        # so that forward's transpose back to (batch_size, height, width, channel) is a free view
-        attn_output = query.new_empty(batch_size, seq_len, num_heads, query.shape[-1]).transpose(1, 2)
-        for image in range(0, batch_size, images_per_chunk):
-            images = slice(image, image + images_per_chunk)
-            for row in range(0, height, rows_per_chunk):
-                rows, queries = slice(row, row + rows_per_chunk), slice(row * width, (row + rows_per_chunk) * width)
-                # (images, nHead, rows * width, height * width)
-                bias = (rel_h[images, :, rows, :, :, None] + rel_w[images, :, rows, :, None, :]).flatten(2, 3).flatten(3)
-                attn_output[images, :, queries] = F.scaled_dot_product_attention(
-                    query[images, :, queries], key[images], value[images], attn_mask=bias, dropout_p=dropout,
-                    scale=self.scale,
-                )
-        return attn_output
+        return rel_pos_attention(query, key, value, rel_h, rel_w, self.scale)
 
     def _folded_sdpa(self, query, key, value, rel_h, rel_w, dropout):
-        """Attention with the relative-position bias folded into the dot product, differentiable on the flash kernel.
+        """Attention with the relative-position bias folded into the dot product, differentiable on the flash kernel,
+        for training with attention dropout (SAM's default is none).
 
         Appending `rel_h[i]` and `rel_w[i]` to the scaled query and one-hot codes of `row(j)` and `col(j)` to the key
         makes one dot product give `scale * q.k + bias` exactly, so SDPA runs with `scale=1` and no mask. The value is
         zero-padded to the same width because torch's fast CPU kernels want q, k and v equally wide; the padding is
-        sliced off again. It costs ~3x the attention FLOPs of global layers, hence only where gradients are needed.
+        sliced off again. It costs ~3x the attention FLOPs of global layers.
         """
         batch_size, num_heads, height, width, _ = rel_h.shape
         seq_len, head_dim = height * width, query.shape[-1]

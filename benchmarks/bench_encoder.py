@@ -4,7 +4,7 @@ Configurations (all on the same random N(0, 0.05) weights and the same input):
   stock-eager, stock-sdpa         transformers' SamModel vision encoder, `attn_implementation` eager / sdpa
   stock-sdpa-compiled             the same under `torch.compile` (first call, i.e. compilation, reported apart)
   ours, ours-compiled             SamSplitModel's vision encoder (attn_implementation sdpa), plain and compiled
-  segment-anything                Meta's `ImageEncoderViT`, only where `segment_anything` is importable
+  segment-anything                Meta's `ImageEncoderViT`, where `pip install segment-anything` was run
   stock-sdpa-bf16, ours-bf16      on a GPU only
 With --train-step, one LoRA (r=16 on q, v) training step (forward and backward of the full model, batch 1), with
 and without gradient checkpointing, for
@@ -26,6 +26,8 @@ printed with the results. The floor is the encoder's FLOPs (counted analytically
 
 import argparse
 import datetime
+import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -33,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -84,17 +87,34 @@ def encoder_gflop(config: SamConfig) -> float:
     return flops / 1e9
 
 
+def best_seconds(function, device: str, repeats: int = 8) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def gemm_gflops(device: str) -> float:
     """Best fp32 GEMM rate of a few (4096 x 768) @ (768 x 3072) products: the shape of the encoder's MLP."""
     a, b = torch.randn(4096, 768, device=device), torch.randn(768, 3072, device=device)
-    best = float("inf")
-    for _ in range(8):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 4096 * 768 * 3072 / best / 1e9
+    return 2 * 4096 * 768 * 3072 / best_seconds(lambda: a @ b, device) / 1e9
+
+
+def qkv_projection_seconds(device: str, channels: int, tokens: int = 4 * 4096) -> dict:
+    """Best time of the q, k, v projections of `tokens` tokens as three GEMMs (what SamSplitModel runs) and as one
+    fused GEMM (stock's `qkv`): what a fused-weight inference path could save."""
+    hidden = torch.randn(tokens, channels, device=device)
+    weight, bias = torch.randn(3 * channels, channels, device=device), torch.randn(3 * channels, device=device)
+    weights, biases = weight.chunk(3), bias.chunk(3)
+    return {
+        "tokens": tokens,
+        "three_gemms_s": best_seconds(lambda: [F.linear(hidden, w, b) for w, b in zip(weights, biases)], device),
+        "fused_gemm_s": best_seconds(lambda: F.linear(hidden, weight, bias), device),
+    }
 
 
 def synchronize(device: str) -> None:
@@ -121,11 +141,25 @@ def stock_sdpa_math(self, query, key, value, height, width):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.reshape(batch_size, num_heads, seq_len, -1))
 
 
+def meta_image_encoder_class():
+    """Meta's `ImageEncoderViT`, or None where `segment_anything` is not installed. Its package `__init__` imports
+    torchvision (for the mask generator and transforms), which the encoder does not need: the package is entered
+    without running it, so that the encoder is measured where torchvision is missing too."""
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None:
+        return None
+    if "segment_anything" not in sys.modules:
+        package = types.ModuleType("segment_anything")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["segment_anything"] = package
+    return importlib.import_module("segment_anything.modeling.image_encoder").ImageEncoderViT
+
+
 def segment_anything_encoder(config: SamConfig, stock_encoder):
     """Meta's `ImageEncoderViT` with the sizes of `config` and the weights of transformers' `stock_encoder`."""
     from functools import partial
 
-    from segment_anything.modeling import ImageEncoderViT
+    ImageEncoderViT = meta_image_encoder_class()
 
     vision = config.vision_config
     encoder = ImageEncoderViT(
@@ -135,9 +169,10 @@ def segment_anything_encoder(config: SamConfig, stock_encoder):
         norm_layer=partial(torch.nn.LayerNorm, eps=vision.layer_norm_eps), use_rel_pos=vision.use_rel_pos,
         window_size=vision.window_size, global_attn_indexes=tuple(vision.global_attn_indexes),
     )
-    renames = [("patch_embed.projection.", "patch_embed.proj."), ("layers.", "blocks."), (".layer_norm1.", ".norm1."),
-               (".layer_norm2.", ".norm2."), ("neck.conv1.", "neck.0."), ("neck.layer_norm1.", "neck.1."),
-               ("neck.conv2.", "neck.2."), ("neck.layer_norm2.", "neck.3.")]
+    renames = [("neck.conv1.", "neck.0."), ("neck.layer_norm1.", "neck.1."), ("neck.conv2.", "neck.2."),
+               ("neck.layer_norm2.", "neck.3."),  # before the blocks' layer_norm renames, which would also match
+               ("patch_embed.projection.", "patch_embed.proj."), ("layers.", "blocks."), (".layer_norm1.", ".norm1."),
+               (".layer_norm2.", ".norm2.")]
     state_dict = {}
     for name, tensor in stock_encoder.state_dict().items():
         for old, new in renames:
@@ -315,31 +350,39 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=ENCODERS + GPU_ENCODERS + TRAIN_STEPS,
                         help="run only these configurations (encoder or train-step names)")
     parser.add_argument("--train-step", action="store_true", help="also time LoRA training steps (batch 1)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
+                        help="glibc: give every configuration's worker MALLOC_MMAP_THRESHOLD_=BYTES, so freed blocks "
+                             "above it go back to the OS at once instead of staying in a fragmented heap")
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
+    if args.malloc_mmap_threshold is not None:
+        # read by glibc when a process starts: the fork server, hence every worker, inherits it
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = sam_config(args.config, args.image_size)
     encoders = [name for name in ENCODERS + (GPU_ENCODERS if device == "cuda" else ()) if not args.only or name in args.only]
-    try:
-        import segment_anything  # noqa: F401
-    except ImportError:
-        encoders = [name for name in encoders if name != "segment-anything"]
-        print("segment_anything is not importable: skipping Meta's encoder")
+    if "segment-anything" in encoders and meta_image_encoder_class() is None:
+        encoders.remove("segment-anything")
+        print("segment_anything is not installed (pip install segment-anything): skipping Meta's encoder")
     train_steps = [name for name in TRAIN_STEPS if args.train_step and (not args.only or name in args.only)]
 
     gflop = encoder_gflop(config)
     gemm = gemm_gflops(device)
+    qkv = qkv_projection_seconds(device, config.vision_config.hidden_size)
     meta = {
         "date": datetime.date.today().isoformat(), "device": device, "cpu_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "transformers": transformers.__version__, "config": args.config, "image_size": config.vision_config.image_size,
-        "encoder_gflop_per_image": gflop, "loadavg_start": os.getloadavg(),
+        "encoder_gflop_per_image": gflop, "loadavg_start": os.getloadavg(), "qkv_projection": qkv,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
     }
     print(f"{args.config} encoder at {meta['image_size']}px: {gflop:.0f} GFLOP/image; fp32 GEMM now {gemm:.0f} GFLOP/s; "
           f"{meta['cpu_threads']} threads on {device}; load {meta['loadavg_start']}")
+    print(f"q, k, v projections of {qkv['tokens']} tokens: three GEMMs {qkv['three_gemms_s'] * 1e3:.1f} ms, one fused GEMM "
+          f"{qkv['fused_gemm_s'] * 1e3:.1f} ms ({qkv['fused_gemm_s'] / qkv['three_gemms_s']:.2f}x)")
 
     base = {"size": args.config, "image_size": args.image_size, "device": device}
     rows = []
@@ -357,8 +400,9 @@ def main(argv=None) -> dict:
     summarise(train, "train-sdpa-math", "train-sdpa-math")
     meta["loadavg_end"] = os.getloadavg()
 
-    print_table(f"Vision encoder, {args.config} {meta['image_size']}px, {device}, median of {args.repeats} "
-                f"(floor {floor_s:.2f} s/image at {gemm:.0f} GFLOP/s)", rows, "stock-sdpa")
+    if rows:
+        print_table(f"Vision encoder, {args.config} {meta['image_size']}px, {device}, median of {args.repeats} "
+                    f"(floor {floor_s:.2f} s/image at {gemm:.0f} GFLOP/s)", rows, "stock-sdpa")
     if full:
         print(f"\nFull model, batch 1, ours vs stock eager: max|diff| {full.get('max_abs_diff') or full.get('error')}")
     if train:

@@ -76,7 +76,7 @@ def test_masks_scores_and_embeddings_match_stock(stock, split, impl, kind, multi
     assert expected.pred_masks.shape[2] == (3 if multimask_output else 1)
 
 
-def test_folded_sdpa_matches_stock_eager(stock, split):
+def test_sdpa_matches_stock_eager(stock, split):
     """The fast path against the plain textbook computation, not only against stock's own sdpa."""
     assert_same_outputs(stock["eager"], split["sdpa"], prompts(stock["eager"].config, "points+boxes"))
 
