@@ -20,7 +20,7 @@ printed with the results. The floor is the encoder's FLOPs (counted analytically
 
     python benchmarks/bench_encoder.py                                  # vit-base, 1024x1024, batch 1 and 4
     python benchmarks/bench_encoder.py --train-step --json out.json
-    python benchmarks/bench_encoder.py --config tiny --repeats 1        # smoke run, under a minute
+    python benchmarks/bench_encoder.py --config tiny --repeats 1        # smoke run, ~3 minutes (mostly compiling)
     python benchmarks/bench_encoder.py --only stock-sdpa ours --batch-sizes 1
 """
 
