@@ -214,8 +214,8 @@ class SamSplitVisionAttention(SamVisionAttention):
         rel_w_table = self.get_rel_pos(width, width, self.rel_pos_w)  # (width, width, head_dim)
         grid_query = query.reshape(batch_size, num_heads, height, width, head_dim)
         # (batch_size, nHead, height, width, height) and (..., width): bias per query and key row / key column.
-        # einsum returns them permuted in memory; made contiguous (they are small), the masks summed from them below
-        # come out contiguous too, so flattening them for SDPA costs no copy of the (much larger) mask.
+        # einsum returns them permuted in memory; made contiguous (they are small), the mask chunks `_chunk_bias` sums
+        # from them come out contiguous too, so flattening those for SDPA costs no copy.
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table).contiguous()
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table).contiguous()
         if dropout:  # rel_pos_attention's backward recomputes the probabilities: it could not redraw SDPA's dropout

@@ -352,11 +352,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-step", action="store_true", help="also time LoRA training steps (batch 1)")
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                         help="glibc: give every configuration's worker MALLOC_MMAP_THRESHOLD_=BYTES, so freed blocks "
-                             "above it go back to the OS at once instead of staying in a fragmented heap")
+                             "above it go back to the OS at once instead of staying in a fragmented heap (0 to 32 MiB: "
+                             "64-bit glibc ignores larger values)")
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.malloc_mmap_threshold is not None and not 0 <= args.malloc_mmap_threshold <= 2**25:
+        parser.error(f"--malloc-mmap-threshold must be 0 to {2**25} bytes (32 MiB), got {args.malloc_mmap_threshold}")
 
     if args.malloc_mmap_threshold is not None:
         # read by glibc when a process starts: the fork server, hence every worker, inherits it

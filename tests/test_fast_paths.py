@@ -255,3 +255,10 @@ def test_benchmark_smoke_run(tmp_path):
     assert sorted(train) == ["train-ours-ckpt", "train-sdpa-math"] and train["train-ours-ckpt"]["max_abs_diff"] <= ATOL
     assert results["meta"]["encoder_gflop_per_image"] > 0 and results["meta"]["gemm_fp32_gflops"] > 0
     assert results["meta"]["qkv_projection"]["three_gemms_s"] > 0 and results["meta"]["qkv_projection"]["fused_gemm_s"] > 0
+
+
+@pytest.mark.parametrize("threshold", ["-1", str(2**25 + 1)])
+def test_benchmark_refuses_an_mmap_threshold_glibc_would_ignore(threshold):
+    command = [sys.executable, str(BENCHMARK), "--config", "tiny", "--malloc-mmap-threshold", threshold]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and f"must be 0 to {2**25} bytes (32 MiB), got {threshold}" in result.stderr
