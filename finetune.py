@@ -52,6 +52,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sam_split import SamSplitModel
+from sam_split.compat import sam_processor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 CHECKPOINTS = "checkpoints"
@@ -334,19 +335,6 @@ class StreamBatchSampler:
 # ---------------------------------------------------------------------------------------------------------- model
 
 
-def sam_processor(config) -> transformers.SamProcessor:
-    """A `SamProcessor` for `config.vision_config.image_size`. transformers 5's `SamImageProcessor` needs torchvision;
-    its `SamImageProcessorPil` does not (4.57 has only the numpy/PIL `SamImageProcessor`)."""
-    image_processor_class = getattr(transformers, "SamImageProcessorPil", None) or transformers.SamImageProcessor
-    size = config.vision_config.image_size
-    grid = mask_grid_size(config)
-    image_processor = image_processor_class(
-        size={"longest_edge": size}, pad_size={"height": size, "width": size},
-        mask_size={"longest_edge": grid}, mask_pad_size={"height": grid, "width": grid},
-    )
-    return transformers.SamProcessor(image_processor=image_processor)
-
-
 def mask_grid_size(config) -> int:
     """Side of SAM's low-res masks: 4x the image-embedding grid (256 at image_size 1024, patch 16)."""
     return 4 * (config.vision_config.image_size // config.vision_config.patch_size)
@@ -374,11 +362,7 @@ def build_model(args, base_name: str, base_revision: str | None) -> PeftModel:
     base = SamSplitModel.from_pretrained(base_name, revision=base_revision)
     if args.gradient_checkpointing:
         # Non-reentrant: the frozen inputs of the checkpointed layers need no `requires_grad` for LoRA to get grads.
-        # transformers 5 renamed the method (the old name warns); 4.57 has only the old one.
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable({"use_reentrant": False})
     config = LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=args.target_modules,
         modules_to_save=[DECODER] if args.train_decoder else None,

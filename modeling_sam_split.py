@@ -19,6 +19,7 @@ from transformers import SamConfig, SamModel
 from transformers.models.sam.modeling_sam import SamVisionAttention
 from transformers.utils import logging
 
+from .compat import CheckpointingMixin
 from .configuration_sam_split import SamSplitConfig
 
 logger = logging.get_logger(__name__)
@@ -314,7 +315,7 @@ def _build_and_load(model_class, config, state_dict: dict):
     return model.eval()
 
 
-class SamSplitModel(SamModel):
+class SamSplitModel(CheckpointingMixin, SamModel):
     """`SamModel` whose vision attention blocks have separate `q`, `k`, `v` linears (see `SamSplitVisionAttention`).
 
     Everything else (prompt encoder, mask decoder, `forward`, `get_image_embeddings`, ...) is `SamModel`'s.
@@ -328,14 +329,6 @@ class SamSplitModel(SamModel):
         for layer in self.vision_encoder.layers:
             layer.attn = SamSplitVisionAttention(config.vision_config, layer.window_size)
         self.post_init()
-
-    if not hasattr(SamModel, "activation_checkpointing_enable"):  # transformers 4.x; 5.x is non-reentrant already
-
-        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-            """Non-reentrant checkpointing by default, as in transformers 5. 4.x defaults to re-entrant checkpointing,
-            which gives LoRA weights inside a checkpointed vision layer no gradient when the layer's input (from the
-            frozen patch embedding) needs none."""
-            super().gradient_checkpointing_enable({"use_reentrant": False, **(gradient_checkpointing_kwargs or {})})
 
     def forward(
         self,

@@ -46,7 +46,6 @@ from transformers import SamConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from sam_testing import (  # noqa: E402
     add_lora,
-    enable_checkpointing,
     max_abs_diff,
     random_stock_sam,
     sample_inputs,
@@ -209,7 +208,7 @@ def build(spec: dict):
             for layer in model.vision_encoder.layers:
                 layer.attn._sdpa = stock_sdpa_math.__get__(layer.attn, SamSplitVisionAttention)
         if name.endswith("-ckpt"):
-            enable_checkpointing(model)
+            model.activation_checkpointing_enable()
         model = add_lora(model, seed=1).to(device).train()
         lora = [parameter for parameter_name, parameter in model.named_parameters() if "lora_" in parameter_name]
 

@@ -101,13 +101,6 @@ def add_lora(model, rank: int = 16, seed: int | None = None):
     return peft_model
 
 
-def enable_checkpointing(model) -> None:
-    """Checkpoint every vision layer with the model's defaults, by the name this transformers version has (5.x
-    deprecates `gradient_checkpointing_enable` for `activation_checkpointing_enable`)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
-
-
 def hub_env(url: str, hf_home, token: str | None = None, **extra) -> dict:
     """Environment for a child process that talks to the local Hub server at `url` with its own HF_HOME (so its own
     download and remote-code caches). Proxies are dropped: the server is on 127.0.0.1."""

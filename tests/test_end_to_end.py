@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sam_split import SamSplitModel
-from sam_split.finetune import sam_processor  # SamImageProcessorPil where transformers 5 would need torchvision
+from sam_split.compat import sam_processor  # SamImageProcessorPil where transformers 5 would need torchvision
 from sam_testing import ATOL, max_abs_diff, random_stock_sam, sample_inputs
 
 

@@ -19,7 +19,7 @@ import torch
 import sam_split.modeling_sam_split as modeling
 from sam_split import SamSplitModel
 from sam_testing import (
-    ATOL, add_lora, enable_checkpointing, max_abs_diff, random_stock_sam, run_python, sample_inputs, tiny_sam_config,
+    ATOL, add_lora, max_abs_diff, random_stock_sam, run_python, sample_inputs, tiny_sam_config,
 )
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -81,7 +81,7 @@ def test_path_matches_stock_eager(config, inputs, path, lora):
     if path == "eager":
         model.set_attn_implementation("eager")
     if path == "checkpointed-training":
-        enable_checkpointing(model.get_base_model() if lora else model)
+        (model.get_base_model() if lora else model).activation_checkpointing_enable()
         model.train()
     with torch.set_grad_enabled(path != "sdpa"):
         actual = embeddings_masks_iou(model, inputs)
@@ -116,7 +116,7 @@ def lora_gradients(model, inputs) -> dict:
 def test_lora_gradients_match_eager(config, inputs, checkpointing):
     model = split_model(config, lora=True).train()
     if checkpointing:
-        enable_checkpointing(model.get_base_model())
+        model.get_base_model().activation_checkpointing_enable()
     model.set_attn_implementation("eager")
     expected = lora_gradients(model, inputs)
     model.set_attn_implementation("sdpa")
