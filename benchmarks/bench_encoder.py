@@ -5,7 +5,6 @@ Configurations (all on the same random N(0, 0.05) weights and the same input):
   stock-sdpa-compiled             the same under `torch.compile` (first call, i.e. compilation, reported apart)
   ours, ours-compiled             SamSplitModel's vision encoder (attn_implementation sdpa), plain and compiled
   segment-anything                Meta's `ImageEncoderViT`, where `pip install segment-anything` was run
-  stock-sdpa-bf16, ours-bf16      on a GPU only
 With --train-step, one LoRA (r=16 on q, v) training step (forward and backward of the full model, batch 1), with
 and without gradient checkpointing, for
   train-sdpa-math(-ckpt)          split q/k/v computing stock SDPA's way: the full bias as mask, which needs grad with
@@ -22,6 +21,9 @@ printed with the results. The floor is the encoder's FLOPs (counted analytically
     python benchmarks/bench_encoder.py --train-step --json out.json
     python benchmarks/bench_encoder.py --config tiny --repeats 1        # smoke run, ~3 minutes (mostly compiling)
     python benchmarks/bench_encoder.py --only stock-sdpa ours --batch-sizes 1
+
+Where CUDA is available this command runs `bench_gpu.py` instead (same flags as that script): on a GPU one process
+with CUDA events measures everything in minutes, and per-process RSS says nothing about GPU memory.
 """
 
 import argparse
@@ -54,11 +56,10 @@ from sam_testing import (  # noqa: E402
 )
 
 from sam_split import SamSplitModel  # noqa: E402
-from sam_split.modeling_sam_split import SamSplitVisionAttention  # noqa: E402
+from sam_split import modeling_sam_split  # noqa: E402
 
 SIZES = {"vit-base": vit_base_config, "tiny": tiny_sam_config}
 ENCODERS = ("stock-eager", "stock-sdpa", "stock-sdpa-compiled", "ours", "ours-compiled", "segment-anything")
-GPU_ENCODERS = ("stock-sdpa-bf16", "ours-bf16")
 TRAIN_STEPS = ("train-sdpa-math", "train-sdpa-math-ckpt", "train-ours", "train-ours-ckpt")
 
 
@@ -86,13 +87,11 @@ def encoder_gflop(config: SamConfig) -> float:
     return flops / 1e9
 
 
-def best_seconds(function, device: str, repeats: int = 8) -> float:
+def best_seconds(function, repeats: int = 8) -> float:
     best = float("inf")
     for _ in range(repeats):
-        synchronize(device)
         start = time.perf_counter()
         function()
-        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -100,7 +99,7 @@ def best_seconds(function, device: str, repeats: int = 8) -> float:
 def gemm_gflops(device: str) -> float:
     """Best fp32 GEMM rate of a few (4096 x 768) @ (768 x 3072) products: the shape of the encoder's MLP."""
     a, b = torch.randn(4096, 768, device=device), torch.randn(768, 3072, device=device)
-    return 2 * 4096 * 768 * 3072 / best_seconds(lambda: a @ b, device) / 1e9
+    return 2 * 4096 * 768 * 3072 / best_seconds(lambda: a @ b) / 1e9
 
 
 def qkv_projection_seconds(device: str, channels: int, tokens: int = 4 * 4096) -> dict:
@@ -111,14 +110,9 @@ def qkv_projection_seconds(device: str, channels: int, tokens: int = 4 * 4096) -
     weights, biases = weight.chunk(3), bias.chunk(3)
     return {
         "tokens": tokens,
-        "three_gemms_s": best_seconds(lambda: [F.linear(hidden, w, b) for w, b in zip(weights, biases)], device),
-        "fused_gemm_s": best_seconds(lambda: F.linear(hidden, weight, bias), device),
+        "three_gemms_s": best_seconds(lambda: [F.linear(hidden, w, b) for w, b in zip(weights, biases)]),
+        "fused_gemm_s": best_seconds(lambda: F.linear(hidden, weight, bias)),
     }
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def rss_gb(field: str) -> float:
@@ -129,15 +123,11 @@ def rss_gb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def stock_sdpa_math(self, query, key, value, height, width):
+def stock_sdpa_math(query, key, value, rel_h, rel_w, scale, dropout=0.0):
     """Stock `SamVisionSdpaAttention`'s computation on split q/k/v: the full bias as SDPA mask. With LoRA on q the
     mask needs grad, and torch's CPU SDPA then silently takes its math kernel: the training baseline."""
-    batch_size, num_heads, seq_len, head_dim = query.shape
-    bias = self.get_decomposed_rel_pos(
-        query.reshape(batch_size * num_heads, seq_len, head_dim), self.rel_pos_h, self.rel_pos_w, (height, width),
-        (height, width),
-    )
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias.reshape(batch_size, num_heads, seq_len, -1))
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(2, 3).flatten(3)  # (batch_size, nHead, HW, HW)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale, dropout_p=dropout)
 
 
 def meta_image_encoder_class():
@@ -204,9 +194,8 @@ def build(spec: dict):
     if name.startswith("train-"):
         model = SamSplitModel.from_sam(stock)
         del stock
-        if "sdpa-math" in name:
-            for layer in model.vision_encoder.layers:
-                layer.attn._sdpa = stock_sdpa_math.__get__(layer.attn, SamSplitVisionAttention)
+        if "sdpa-math" in name:  # this worker process only
+            modeling_sam_split.attention = stock_sdpa_math
         if name.endswith("-ckpt"):
             model.activation_checkpointing_enable()
         model = add_lora(model, seed=1).to(device).train()
@@ -243,16 +232,12 @@ def worker(connection, spec: dict) -> None:
         run = build(spec)
         connection.send({"baseline_rss_gb": rss_gb("VmRSS")})
         while connection.recv() == "run":
-            synchronize(spec["device"])
             start = time.perf_counter()
             output = run()
-            synchronize(spec["device"])
             connection.send(time.perf_counter() - start)
         # as numpy: a tensor would be sent as shared memory, which dies with this process
         result = {"peak_rss_gb": rss_gb("VmHWM"),
                   "output": output.float().cpu().numpy() if torch.is_tensor(output) else output}
-        if spec["device"] == "cuda":
-            result["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
         connection.send(result)
     except Exception as error:  # reported by the parent, with the configuration's name
         connection.send({"error": f"{type(error).__name__}: {error}"})
@@ -340,13 +325,17 @@ def print_table(title: str, rows: list[dict], reference: str) -> None:
 
 
 def main(argv=None) -> dict:
+    if torch.cuda.is_available():
+        import bench_gpu
+
+        return bench_gpu.main(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", choices=sorted(SIZES), default="vit-base", help="model size (default vit-base)")
     parser.add_argument("--image-size", type=int, help="input side in pixels (default: the config's, 1024 for vit-base)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="encoder batch sizes (default 1 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per configuration after a first call")
-    parser.add_argument("--only", nargs="+", metavar="NAME", choices=ENCODERS + GPU_ENCODERS + TRAIN_STEPS,
+    parser.add_argument("--only", nargs="+", metavar="NAME", choices=ENCODERS + TRAIN_STEPS,
                         help="run only these configurations (encoder or train-step names)")
     parser.add_argument("--train-step", action="store_true", help="also time LoRA training steps (batch 1)")
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
@@ -363,9 +352,9 @@ def main(argv=None) -> dict:
     if args.malloc_mmap_threshold is not None:
         # read by glibc when a process starts: the fork server, hence every worker, inherits it
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cpu"
     config = sam_config(args.config, args.image_size)
-    encoders = [name for name in ENCODERS + (GPU_ENCODERS if device == "cuda" else ()) if not args.only or name in args.only]
+    encoders = [name for name in ENCODERS if not args.only or name in args.only]
     if "segment-anything" in encoders and meta_image_encoder_class() is None:
         encoders.remove("segment-anything")
         print("segment_anything is not installed (pip install segment-anything): skipping Meta's encoder")

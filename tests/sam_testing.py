@@ -84,14 +84,15 @@ def run_python(code: str, env: dict | None = None, timeout: float = 300, replace
     return result.stdout
 
 
-def add_lora(model, rank: int = 16, seed: int | None = None):
-    """`model` wrapped by PEFT with LoRA of rank `rank` on the vision encoder's `q` and `v` (in place, as PEFT does).
+def add_lora(model, rank: int = 16, seed: int | None = None, target_modules=("q", "v")):
+    """`model` wrapped by PEFT with LoRA of rank `rank` on `target_modules`, by default the vision encoder's `q` and `v`
+    (in place, as PEFT does).
 
     With `seed`, the LoRA weights are re-randomised N(0, 0.05): PEFT's zero-initialised B makes the adapter a no-op
     and the gradient of A zero, so parity of outputs or gradients would prove nothing."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q", "v"]))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules)))
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():

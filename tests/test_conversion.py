@@ -57,7 +57,9 @@ def test_to_sam_round_trip_is_exact(stock_folder):
 
 def test_save_pretrained_writes_split_weights_code_and_local_auto_map(stock_folder, split_folder):
     files = sorted(path.name for path in split_folder.iterdir())
-    assert files == ["config.json", "configuration_sam_split.py", "model.safetensors", "modeling_sam_split.py"]
+    # the model code and the files it imports relatively: the Hub's remote-code loader needs them all
+    assert files == ["attention_sam_split.py", "compat.py", "config.json", "configuration_sam_split.py",
+                     "model.safetensors", "modeling_sam_split.py"]
     config = json.loads((split_folder / "config.json").read_text())
     assert config["model_type"] == "sam_split" and config["architectures"] == ["SamSplitModel"]
     assert config["auto_map"] == {

@@ -1,9 +1,10 @@
-"""Every attention path of SamSplitVisionAttention equals stock SamModel eager (fp32, ATOL), with and without LoRA.
+"""The vision attention kernels (attention_sam_split.py) and the policy that picks them.
 
-Paths: "sdpa" without grad (the bias as SDPA mask, built in chunks), "sdpa" with grad (the same forward, and a
-chunked backward into the bias), "eager", training with gradient checkpointing, and training with attention dropout
-(the bias folded into q/k). With LoRA, the reference is stock SAM eager holding the merged
-weights. The LoRA weights are random: PEFT's zero-initialised B would make the adapter a no-op.
+Every kernel equals stock SamModel eager (fp32, ATOL), with and without LoRA, forward and LoRA gradients: "chunked"
+(the bias as SDPA mask in chunks, with a chunked backward) at CPU and at GPU chunk sizes, "folded" (the bias folded
+into q/k: half-precision GPU training and inference, attention dropout), "eager". The GPU policy runs here on CPU
+tensors (`cuda_policy`), so CI covers every kernel a GPU would take. With LoRA, the reference is stock SAM eager
+holding the merged weights; the LoRA weights are random (PEFT's zero-initialised B would make the adapter a no-op).
 """
 
 import copy
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sam_split.attention_sam_split as kernels
 import sam_split.modeling_sam_split as modeling
 from sam_split import SamSplitModel
 from sam_testing import (
@@ -25,6 +27,7 @@ from sam_testing import (
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 MATH = "aten::_scaled_dot_product_attention_math"
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_encoder.py"
+GPU_BENCHMARK = BENCHMARK.with_name("bench_gpu.py")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,15 +72,69 @@ def embeddings_masks_iou(model, inputs) -> tuple[torch.Tensor, ...]:
     return vision_encoder(inputs["pixel_values"]).last_hidden_state, outputs.pred_masks, outputs.iou_scores
 
 
+def use_policy(monkeypatch, policy: str) -> list:
+    """Make the model's attention choose its kernels as on `policy`'s device ("cpu": as is; "gpu": as on CUDA, here on
+    CPU tensors; "folded": forced). Returns the list that records every plan chosen."""
+    plans, choose = [], kernels.choose_kernel
+
+    def recording_choose(device_type, *args, **kwargs):
+        plans.append(choose("cuda" if policy == "gpu" else device_type, *args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(kernels, "choose_kernel", recording_choose)
+    if policy == "gpu":  # the tiny config's attention is small: make its global layer (16 tokens) count as large
+        monkeypatch.setattr(kernels, "SMALL_ATTENTION_TOKENS", 10)
+    if policy == "folded":
+        monkeypatch.setattr(kernels, "FORCED_KERNEL", "folded")
+    return plans
+
+
+@pytest.mark.parametrize(
+    "device_type, dtype, needs_grad, dropout, tokens, expected",
+    [
+        ("cpu", torch.float32, False, 0.0, 4096, ("chunked", kernels.CPU_MASK_NUMEL)),
+        ("cpu", torch.float32, True, 0.0, 196, ("chunked", kernels.CPU_MASK_NUMEL)),
+        ("cpu", torch.bfloat16, False, 0.0, 4096, ("chunked", kernels.CPU_MASK_NUMEL)),
+        ("cpu", torch.float32, True, 0.1, 4096, ("folded", 0)),
+        ("cuda", torch.bfloat16, False, 0.0, 4096, ("folded", 0)),
+        ("cuda", torch.float16, False, 0.0, 4096, ("folded", 0)),
+        ("cuda", torch.bfloat16, False, 0.0, 196, ("chunked", kernels.DEVICE_MASK_NUMEL)),
+        ("cuda", torch.bfloat16, True, 0.0, 196, ("folded", 0)),
+        ("cuda", torch.float16, True, 0.0, 4096, ("folded", 0)),
+        ("cuda", torch.float32, False, 0.0, 4096, ("chunked", kernels.DEVICE_MASK_NUMEL)),
+        ("cuda", torch.float32, True, 0.0, 4096, ("chunked", kernels.DEVICE_MASK_NUMEL)),
+        ("cuda", torch.float32, True, 0.1, 196, ("folded", 0)),
+        ("mps", torch.float32, False, 0.0, 4096, ("chunked", kernels.DEVICE_MASK_NUMEL)),
+    ],
+)
+def test_policy_picks_the_measured_kernel(device_type, dtype, needs_grad, dropout, tokens, expected):
+    plan = kernels.choose_kernel(device_type, dtype, needs_grad, dropout, tokens, forced=None)
+    assert (plan.kernel, plan.mask_numel) == expected
+
+
+def test_policy_can_be_forced_and_refuses_what_it_cannot_do():
+    assert kernels.choose_kernel("cuda", torch.bfloat16, True, 0.0, 4096, forced="chunked").kernel == "chunked"
+    assert kernels.choose_kernel("cpu", torch.float32, False, 0.0, 4096, forced="folded").kernel == "folded"
+    with pytest.raises(ValueError, match="SAM_SPLIT_ATTENTION='flash': expected one of chunked, folded"):
+        kernels.choose_kernel("cpu", torch.float32, False, 0.0, 4096, forced="flash")
+    with pytest.raises(ValueError, match="cannot draw attention dropout"):
+        kernels.choose_kernel("cpu", torch.float32, True, 0.1, 4096, forced="chunked")
+    output = run_python("import sam_split.attention_sam_split as k; print(k.FORCED_KERNEL)",
+                        env={"SAM_SPLIT_ATTENTION": "folded"})
+    assert output.strip() == "folded"
+
+
 PATHS = ("sdpa", "sdpa-with-grad", "eager", "checkpointed-training")
+CASES = [(policy, path) for policy in ("cpu", "gpu", "folded") for path in PATHS if policy == "cpu" or path != "eager"]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
-@pytest.mark.parametrize("path", PATHS)
-def test_path_matches_stock_eager(config, inputs, path, lora):
+@pytest.mark.parametrize("policy, path", CASES)
+def test_path_matches_stock_eager(config, inputs, policy, path, lora, monkeypatch):
     model = split_model(config, lora)
     with torch.no_grad():
         expected = embeddings_masks_iou(stock_eager_reference(model), inputs)
+    plans = use_policy(monkeypatch, policy)
     if path == "eager":
         model.set_attn_implementation("eager")
     if path == "checkpointed-training":
@@ -85,7 +142,12 @@ def test_path_matches_stock_eager(config, inputs, path, lora):
         model.train()
     with torch.set_grad_enabled(path != "sdpa"):
         actual = embeddings_masks_iou(model, inputs)
-    assert actual[0].requires_grad == (path != "sdpa")  # the grad mode picks the sdpa path: make sure it did
+    assert actual[0].requires_grad == (path != "sdpa")  # the grad mode picks the kernel: make sure it did
+    chosen = {plan.kernel for plan in plans}
+    if policy == "gpu":  # fp32 on a GPU: whole images' bias as mask, whatever the grad mode
+        assert chosen == {"chunked"} and {plan.mask_numel for plan in plans} == {kernels.DEVICE_MASK_NUMEL}
+    elif path != "eager":
+        assert chosen == {"folded" if policy == "folded" else "chunked"}
     for name, want, got in zip(("image embeddings", "masks", "IoU scores"), expected, actual):
         assert max_abs_diff(want, got) <= ATOL, f"{name} differ by {max_abs_diff(want, got):.3g}"
     assert expected[0].abs().max() > 1e3 * ATOL  # embeddings far above the tolerance: the comparison means something
@@ -98,7 +160,7 @@ def test_mask_chunks_cover_every_query_head_and_image(config, inputs, budget, mo
     model = split_model(config, lora=False)
     with torch.no_grad():
         expected = embeddings_masks_iou(stock_eager_reference(model), inputs)
-        monkeypatch.setattr(modeling, "_MASK_CHUNK_NUMEL", budget)
+        monkeypatch.setattr(kernels, "CPU_MASK_NUMEL", budget)
         actual = embeddings_masks_iou(model, inputs)
     for want, got in zip(expected, actual):
         assert max_abs_diff(want, got) <= ATOL
@@ -112,20 +174,73 @@ def lora_gradients(model, inputs) -> dict:
     return {name: parameter.grad.clone() for name, parameter in model.named_parameters() if "lora_" in name}
 
 
+@pytest.mark.parametrize("policy", ["cpu", "gpu", "folded"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_lora_gradients_match_eager(config, inputs, checkpointing):
+def test_lora_gradients_match_eager(config, inputs, checkpointing, policy, monkeypatch):
     model = split_model(config, lora=True).train()
     if checkpointing:
         model.get_base_model().activation_checkpointing_enable()
     model.set_attn_implementation("eager")
     expected = lora_gradients(model, inputs)
     model.set_attn_implementation("sdpa")
+    use_policy(monkeypatch, policy)
     actual = lora_gradients(model, inputs)
     assert len(actual) == 4 * config.vision_config.num_hidden_layers  # A and B of q and v in every layer
     for name, want in expected.items():
         # relative: q's LoRA gradients are ~1e-6 with these small random weights, v's ~1e-1
         scale = want.abs().max().item()
         assert scale > 0 and max_abs_diff(want, actual[name]) <= 1e-4 * scale, (name, max_abs_diff(want, actual[name]), scale)
+
+
+def bf16_errors(model, inputs, reference: tuple, grad: bool) -> tuple[float, float]:
+    """(embedding error, LoRA-gradient error) of `model` in bf16 against the fp32 `reference` (embeddings, grads)."""
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    inputs = {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in inputs.items()}
+    with torch.set_grad_enabled(grad):
+        embeddings = embeddings_masks_iou(model, inputs)[0]
+    if not grad:
+        return max_abs_diff(embeddings, reference[0]), 0.0
+    model.zero_grad(set_to_none=True)
+    embeddings.float().mul(reference[2]).sum().backward()
+    grads = {name: parameter.grad for name, parameter in model.named_parameters() if "lora_" in name}
+    return max_abs_diff(embeddings, reference[0]), max(
+        max_abs_diff(grads[name], want) / want.abs().max().item() for name, want in reference[1].items()
+    )
+
+
+@pytest.mark.parametrize("policy", ["cpu", "gpu"])
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_bf16_error_is_no_worse_than_stocks(config, inputs, policy, grad, monkeypatch):
+    """In bf16, ours (with the kernels this device's policy picks: on a GPU folded for the global layer and for
+    training) is within 1.5x of the error of stock's own computation in bf16 (the full bias as mask), both measured
+    against stock eager in fp32: embeddings, and relative LoRA gradients."""
+    model = split_model(config, lora=True)
+    reference_model = copy.deepcopy(model)
+    reference_model.set_attn_implementation("eager")
+    weights = torch.randn(inputs["pixel_values"].shape[0], 16, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.set_grad_enabled(grad):
+        embeddings = embeddings_masks_iou(reference_model, inputs)[0]
+    grads = {}
+    if grad:
+        (embeddings * weights).sum().backward()
+        grads = {name: parameter.grad for name, parameter in reference_model.named_parameters() if "lora_" in name}
+    reference = (embeddings.detach(), grads, weights)
+    stock_model = copy.deepcopy(model)
+    monkeypatch.setattr(modeling, "attention", stock_bias_as_mask)
+    stock_error = bf16_errors(stock_model, inputs, reference, grad)
+    monkeypatch.undo()
+    plans = use_policy(monkeypatch, policy)
+    our_error = bf16_errors(model, inputs, reference, grad)
+    if policy == "gpu":
+        assert {plan.kernel for plan in plans} == ({"folded"} if grad else {"folded", "chunked"})
+    assert stock_error[0] > 0 and our_error[0] <= 1.5 * stock_error[0], (our_error, stock_error)
+    assert our_error[1] <= 1.5 * stock_error[1], (our_error, stock_error)
+
+
+def stock_bias_as_mask(query, key, value, rel_h, rel_w, scale, dropout=0.0):
+    """Stock SamModel's sdpa computation: the full `(batch, heads, HW, HW)` bias as SDPA mask."""
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(2, 3).flatten(3)
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
 
 
 def test_attention_dropout_in_training_folds_the_bias(config, inputs, monkeypatch):
@@ -136,10 +251,8 @@ def test_attention_dropout_in_training_folds_the_bias(config, inputs, monkeypatc
     expected = lora_gradients(model, inputs)
     model.set_attn_implementation("sdpa")
     folded_calls = []
-    folded_sdpa = modeling.SamSplitVisionAttention._folded_sdpa
-    monkeypatch.setattr(
-        modeling.SamSplitVisionAttention, "_folded_sdpa", lambda *args: folded_calls.append(1) or folded_sdpa(*args)
-    )
+    folded_attention = kernels.folded_attention
+    monkeypatch.setattr(kernels, "folded_attention", lambda *args: folded_calls.append(1) or folded_attention(*args))
     attentions = [layer.attn for layer in model.get_base_model().vision_encoder.layers]
     for attention in attentions:
         attention.dropout = 1e-12
@@ -186,10 +299,12 @@ def test_set_attn_implementation_switches_our_attention(config, inputs):
         assert max_abs_diff(want, got) <= ATOL
 
 
+@pytest.mark.parametrize("policy", ["cpu", "gpu"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("layer", [0, 1], ids=["windowed", "global"])
-def test_attention_compiles_without_graph_breaks(config, layer, grad):
+def test_attention_compiles_without_graph_breaks(config, layer, grad, policy, monkeypatch):
     model = split_model(config, lora=False)
+    use_policy(monkeypatch, policy)
     attention = model.vision_encoder.layers[layer].attn
     side = model.vision_encoder.layers[layer].window_size or 4
     torch._dynamo.reset()
@@ -198,9 +313,10 @@ def test_attention_compiles_without_graph_breaks(config, layer, grad):
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
 
 
-def test_compiled_encoder_matches_eager_in_inference_and_training(config, inputs):
-    """torch.compile (inductor) through our custom attention ops: their shape functions must match what they compute,
-    and their registered backward must give eager's LoRA gradients."""
+@pytest.mark.parametrize("policy", ["cpu", "gpu"])
+def test_compiled_encoder_matches_eager_in_inference_and_training(config, inputs, policy, monkeypatch):
+    """torch.compile (inductor) through our attention kernels: the custom ops' shape functions must match what they
+    compute, and their registered backward (or the folded kernel's autograd) must give eager's LoRA gradients."""
     model = split_model(config, lora=True).train()
     vision_encoder = model.get_base_model().vision_encoder
     pixel_values, weights = inputs["pixel_values"], torch.randn(inputs["pixel_values"].shape[0], 16, 4, 4)
@@ -210,6 +326,7 @@ def test_compiled_encoder_matches_eager_in_inference_and_training(config, inputs
     expected = {name: parameter.grad for name, parameter in model.named_parameters() if "lora_" in name}
     model.set_attn_implementation("sdpa")
     model.zero_grad(set_to_none=True)
+    use_policy(monkeypatch, policy)
     torch._dynamo.reset()
     compiled = torch.compile(vision_encoder, fullgraph=True)
     with torch.no_grad():
@@ -224,12 +341,12 @@ def test_attention_ops_survive_a_second_import_of_the_module():
     """Each execution of the model file registers its ops under a free name (torch allows a name once per process)."""
     output = run_python(
         "import importlib, torch\n"
-        "import sam_split.modeling_sam_split as modeling\n"
-        "first = modeling.rel_pos_attention\n"
-        "importlib.reload(modeling)\n"
+        "import sam_split.attention_sam_split as kernels\n"
+        "first = kernels.chunked_attention\n"
+        "importlib.reload(kernels)\n"
         "q = torch.randn(1, 2, 4, 8); rel = torch.randn(1, 2, 2, 2, 2)\n"
-        "print(first._qualname, modeling.rel_pos_attention._qualname, bool(torch.equal(\n"
-        "    first(q, q, q, rel, rel, 0.5), modeling.rel_pos_attention(q, q, q, rel, rel, 0.5))))\n"
+        "print(first._qualname, kernels.chunked_attention._qualname, bool(torch.equal(\n"
+        "    first(q, q, q, rel, rel, 0.5, 8), kernels.chunked_attention(q, q, q, rel, rel, 0.5, 8))))\n"
     )
     first, second, same = output.split()
     assert first != second and same == "True", output
@@ -262,3 +379,23 @@ def test_benchmark_refuses_an_mmap_threshold_glibc_would_ignore(threshold):
     command = [sys.executable, str(BENCHMARK), "--config", "tiny", "--malloc-mmap-threshold", threshold]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"must be 0 to {2**25} bytes (32 MiB), got {threshold}" in result.stderr
+
+
+def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
+    """The GPU benchmark's code path (here on CPU tensors, without CUDA events or memory): every row, ratios to the
+    stock row of the same kind, bf16 accuracy at batch 1, and the LoRA training step with stock's LoRA on qkv."""
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(GPU_BENCHMARK), "--device", "cpu", "--config", "tiny", "--batch-sizes", "1", "2",
+               "--fp32-batch-sizes", "1", "--compiled-batch-sizes", "--train-batch-size", "2", "--repeats", "1",
+               "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = {(row["name"], row["dtype"], row["batch"]): row for row in results["encoder"]}
+    assert sorted(rows) == sorted((name, dtype, batch) for name in ("stock", "ours")
+                                  for dtype, batch in (("bf16", 1), ("bf16", 2), ("fp32", 1)))
+    assert rows["ours", "fp32", 1]["max_abs_diff"] <= ATOL
+    assert rows["ours", "bf16", 1]["max_abs_diff"] <= 1.5 * rows["stock", "bf16", 1]["max_abs_diff"]
+    assert all(row["median_s"] > 0 and row["time_ratio"] > 0 for row in rows.values())
+    assert [row["name"] for row in results["train_step"]] == ["stock, LoRA on qkv", "ours, LoRA on q, v"]
+    assert results["train_step"][1]["time_ratio"] > 0 and results["meta"]["gemm_bf16_tflops"] > 0

@@ -119,7 +119,8 @@ def test_push_prints_a_pinnable_sha_that_loads_the_source_exactly(hub, sources, 
     assert "Verified against the source" in result.stdout
     assert hub.git("tester/sam-tiny-split", "rev-parse", "main") == sha
     files = set(hub.git("tester/sam-tiny-split", "ls-tree", "--name-only", sha).split())
-    assert {"config.json", "configuration_sam_split.py", "modeling_sam_split.py", "model.safetensors",
+    assert {"config.json", "configuration_sam_split.py", "modeling_sam_split.py", "attention_sam_split.py",
+            "compat.py", "model.safetensors",
             "preprocessor_config.json", "README.md"} <= files
     card = hub.git("tester/sam-tiny-split", "show", f"{sha}:README.md")
     assert "library_name: transformers" in card and "pipeline_tag: mask-generation" in card

@@ -1,0 +1,246 @@
+"""The attention kernels of SamSplitModel's vision encoder, and the policy that picks one per call.
+
+Every kernel computes `softmax(scale * q @ k^T + bias) @ v` with SAM's decomposed relative-position bias
+`bias[i, j] = rel_h[i, row(j)] + rel_w[i, col(j)]` (query i, key j), exactly up to float rounding, without stock SAM's
+dense `(batch_size, nHead, HW, HW)` mask for a whole batch:
+
+- "chunked" (`chunked_attention`): SDPA gets the bias as mask one chunk of at most `mask_numel` values at a time,
+  forward and backward (custom ops: one graph node each under `torch.compile`). With CPU-cache-sized chunks this is
+  the fastest CPU path; with chunks of one image's bias it is stock's computation at a fraction of its memory.
+- "folded" (`folded_attention`): the bias folded into the dot product, so SDPA runs without a mask on its flash kernel,
+  forward and backward, dropout included; ~3x the attention FLOPs of a global layer, but the fastest half-precision
+  path on a GPU.
+- `eager_attention`: the textbook computation, returning the attention weights (`attn_implementation="eager"`).
+
+`choose_kernel` is the policy: a pure function of what is known at call time, chosen from measurements (README,
+benchmarks). `SAM_SPLIT_ATTENTION=chunked|folded` in the environment overrides it, to compare or bisect.
+Only torch is imported: this file travels to the Hub with the model code.
+"""
+
+import itertools
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Most bias values per SDPA call on a CPU: 4 MiB in fp32, still in cache when SDPA reads it (2 CPU cores, vit-base,
+# per global layer: these chunks 0.315 s, 64 MiB chunks 0.52 s, a ready full mask 0.306 s).
+CPU_MASK_NUMEL = 2**20
+# ... and on other devices: one vit-base image's global-layer bias (12 x 4096 x 4096) per call, so a GPU runs a few
+# large kernels (thousands of small ones were 6-14x slower than stock on an H200) with 1/batch_size of stock's mask.
+DEVICE_MASK_NUMEL = 12 * 4096 * 4096
+# Attention over at most this many tokens (SAM's 14x14 windows: 196) is cheap enough with the bias as mask.
+SMALL_ATTENTION_TOKENS = 1024
+KERNELS = ("chunked", "folded")
+FORCED_KERNEL = os.environ.get("SAM_SPLIT_ATTENTION") or None
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Which kernel runs, and for "chunked" the most bias values one SDPA call gets."""
+
+    kernel: str
+    mask_numel: int = 0
+
+
+def choose_kernel(
+    device_type: str, dtype: torch.dtype, needs_grad: bool, dropout: float, tokens: int, forced: str | None = None
+) -> AttentionPlan:
+    """The kernel for one attention call over `tokens` tokens per window (or image, in a global layer).
+
+    - Attention dropout: folded, the only kernel that draws it (the chunked backward recomputes the probabilities).
+    - CPU: chunked in cache-sized chunks, forward and backward (measured faster than stock's single mask, and the
+      chunked backward keeps training off SDPA's math kernel).
+    - CUDA, fp16/bf16, training or large attention: folded, on the flash kernel (H200, bf16, batch 8, global layer,
+      forward / forward+backward: 2.7 / 11.9 ms against stock's 5.5 / 31.2 ms; windowed training 2.7 against 3.5 ms).
+    - Anything else (CUDA fp32, which has no flash kernel for the folded 192-wide heads; half-precision inference over
+      small windows; other devices): chunked, one image's bias per call: stock's FLOPs and kernels, bounded memory.
+    """
+    forced = forced if forced is not None else FORCED_KERNEL
+    if forced is not None and forced not in KERNELS:
+        raise ValueError(f"SAM_SPLIT_ATTENTION={forced!r}: expected one of {', '.join(KERNELS)} (or unset for auto).")
+    if dropout > 0:
+        if forced == "chunked":
+            raise ValueError("SAM_SPLIT_ATTENTION=chunked cannot draw attention dropout: unset it or use 'folded'.")
+        return AttentionPlan("folded")
+    mask_numel = CPU_MASK_NUMEL if device_type == "cpu" else DEVICE_MASK_NUMEL
+    if forced is not None:
+        return AttentionPlan(forced, mask_numel if forced == "chunked" else 0)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device_type == "cuda" and half and (needs_grad or tokens > SMALL_ATTENTION_TOKENS):
+        return AttentionPlan("folded")
+    return AttentionPlan("chunked", mask_numel)
+
+
+def attention(query, key, value, rel_h, rel_w, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """SAM vision attention with the kernel `choose_kernel` picks.
+
+    query, key, value: (batch_size, nHead, height * width, head_dim); rel_h: (batch_size, nHead, height, width,
+    height) and rel_w: (batch_size, nHead, height, width, width), the bias per query and key row / key column, or both
+    None (no relative positions). Returns (batch_size, nHead, height * width, head_dim).
+    """
+    if rel_h is None:
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale)
+    tensors = (query, key, value, rel_h, rel_w)
+    needs_grad = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+    plan = choose_kernel(query.device.type, query.dtype, needs_grad, dropout, query.shape[-2])
+    if plan.kernel == "folded":
+        return folded_attention(*tensors, scale, dropout)
+    return chunked_attention(*tensors, scale, plan.mask_numel)
+
+
+def eager_attention(query, key, value, rel_h, rel_w, scale: float, dropout: float = 0.0):
+    """Stock SAM's eager attention: returns the output and the attention weights `(batch_size * nHead, HW, HW)`."""
+    batch_size, num_heads, seq_len, head_dim = query.shape
+    # (batch_size * nHead, height * width, head_dim), the layout stock SAM uses and returns its weights in
+    query, key, value = (t.reshape(batch_size * num_heads, seq_len, head_dim) for t in (query, key, value))
+    attn_weights = (query * scale) @ key.transpose(-2, -1)
+    if rel_h is not None:
+        bias = rel_h[..., :, None] + rel_w[..., None, :]  # (batch_size, nHead, height, width, height, width)
+        attn_weights = attn_weights + bias.reshape_as(attn_weights)
+    attn_weights = F.softmax(attn_weights, dtype=torch.float32, dim=-1).to(query.dtype)
+    attn_probs = F.dropout(attn_weights, p=dropout, training=dropout > 0)
+    attn_output = (attn_probs @ value).reshape(batch_size, num_heads, seq_len, head_dim)
+    return attn_output, attn_weights
+
+
+def folded_attention(query, key, value, rel_h, rel_w, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """The bias folded into the dot product: differentiable on SDPA's flash kernel, dropout included, no mask.
+
+    Appending `rel_h[i]` and `rel_w[i]` to the scaled query and one-hot codes of `row(j)` and `col(j)` to the key makes
+    one dot product give `scale * q.k + bias` exactly, so SDPA runs with `scale=1`. Widths are zero-padded to a
+    multiple of 8 (flash kernels want it), and the value to the same width (torch's fast CPU kernels want q, k and v
+    equally wide); the padding is sliced off again.
+    """
+    batch_size, num_heads, height, width, _ = rel_h.shape
+    seq_len, head_dim = height * width, query.shape[-1]
+    folded_width = head_dim + height + width
+    padding = -folded_width % 8
+    # (height * width, height + width + padding): one-hot row and column of each key position
+    rows = torch.eye(height, dtype=query.dtype, device=query.device).repeat_interleave(width, dim=0)
+    cols = torch.eye(width, dtype=query.dtype, device=query.device).repeat(height, 1)
+    key_codes = F.pad(torch.cat([rows, cols], dim=-1), (0, padding))
+    # (batch_size, nHead, height * width, folded_width + padding)
+    folded_query = F.pad(torch.cat([query * scale, rel_h.flatten(2, 3), rel_w.flatten(2, 3)], dim=-1), (0, padding))
+    folded_key = torch.cat([key, key_codes.expand(batch_size, num_heads, seq_len, -1)], dim=-1)
+    padded_value = F.pad(value, (0, folded_width + padding - head_dim))
+    attn_output = F.scaled_dot_product_attention(folded_query, folded_key, padded_value, dropout_p=dropout, scale=1.0)
+    return attn_output[..., :head_dim]
+
+
+# ----------------------------------------------------------------------------------------------- the chunked kernel
+
+
+def _bias_chunks(batch_size: int, num_heads: int, height: int, width: int, mask_numel: int):
+    """Slices `(images, heads, rows, queries)` that cover every attention score once, each with a bias of at most
+    `mask_numel` values (or one head's query row, if that is larger). Query rows are split first, then heads, then
+    images: a global layer takes one head and a few rows per chunk on a CPU (its keys and values stay in cache from one
+    chunk to the next), whole images on a GPU; a windowed layer takes whole windows."""
+    seq_len = height * width
+    rows_per_chunk = min(height, max(1, mask_numel // (width * seq_len)))
+    heads_per_chunk = min(num_heads, max(1, mask_numel // seq_len**2)) if rows_per_chunk == height else 1
+    images_per_chunk = max(1, mask_numel // (num_heads * seq_len**2)) if heads_per_chunk == num_heads else 1
+    for image, head, row in itertools.product(
+        range(0, batch_size, images_per_chunk), range(0, num_heads, heads_per_chunk), range(0, height, rows_per_chunk)
+    ):
+        rows = slice(row, row + rows_per_chunk)
+        queries = slice(row * width, rows.stop * width)
+        yield slice(image, image + images_per_chunk), slice(head, head + heads_per_chunk), rows, queries
+
+
+def _chunk_bias(rel_h, rel_w, images, heads, rows) -> torch.Tensor:
+    """(images, heads, rows * width, height * width): the relative-position bias of one chunk's queries."""
+    return (rel_h[images, heads, rows, :, :, None] + rel_w[images, heads, rows, :, None, :]).flatten(2, 3).flatten(3)
+
+
+def _new_attention_output(query: torch.Tensor) -> torch.Tensor:
+    """An uninitialised output for `query` (batch_size, nHead, height * width, head_dim), laid out in memory as
+    (batch_size, height * width, nHead, head_dim), so that turning it back into channels is a free view."""
+    batch_size, num_heads, seq_len, head_dim = query.shape
+    return query.new_empty(batch_size, seq_len, num_heads, head_dim).transpose(1, 2)
+
+
+def _op_name(stem: str) -> str:
+    """`sam_split::<module>_<stem>`: torch registers an op name once per process, and the Hub imports each revision of
+    this file as its own module. A number is appended if this very module was executed before (a reload)."""
+    stem = re.sub(r"\W", "_", f"{__name__}_{stem}")
+    candidates = (stem, *(f"{stem}{number}" for number in range(1, 1000)))
+    return "sam_split::" + next(name for name in candidates if not hasattr(torch.ops.sam_split, name))
+
+
+# Custom ops, so that `torch.compile` sees each as one node instead of unrolling the chunk loops (minutes of compiling).
+@torch.library.custom_op(_op_name("chunked_attention"), mutates_args=())
+def chunked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+    scale: float, mask_numel: int,
+) -> torch.Tensor:
+    """Attention with the bias (see `attention` for the shapes) handed to SDPA as mask, one `_bias_chunks` chunk at a
+    time: stock SAM's FLOPs on SDPA's fused kernels, without its `(batch_size, nHead, HW, HW)` mask."""
+    batch_size, num_heads, height, width, _ = rel_h.shape
+    attn_output = _new_attention_output(query)
+    for images, heads, rows, queries in _bias_chunks(batch_size, num_heads, height, width, mask_numel):
+        attn_output[images, heads, queries] = F.scaled_dot_product_attention(
+            query[images, heads, queries], key[images, heads], value[images, heads],
+            attn_mask=_chunk_bias(rel_h, rel_w, images, heads, rows), scale=scale,
+        )
+    return attn_output
+
+
+@torch.library.custom_op(_op_name("chunked_attention_backward"), mutates_args=())
+def chunked_attention_backward(
+    grad_output: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rel_h: torch.Tensor,
+    rel_w: torch.Tensor, scale: float, mask_numel: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `chunked_attention` for query, key, value, rel_h and rel_w, one chunk of the bias at a time.
+
+    Per chunk it recomputes the attention probabilities and applies the softmax backward: five matrix products of
+    head_dim width and no `(HW, HW)` tensor beyond the chunk. (torch's flash kernel cannot back-propagate into a mask;
+    given one that needs grad, SDPA falls back to its math kernel and the full mask, as stock SAM does under LoRA on q.)
+    """
+    grads = grad_query, grad_key, grad_value, grad_rel_h, grad_rel_w = [
+        torch.zeros_like(tensor) for tensor in (query, key, value, rel_h, rel_w)
+    ]
+    batch_size, num_heads, height, width, _ = rel_h.shape
+    for images, heads, rows, queries in _bias_chunks(batch_size, num_heads, height, width, mask_numel):
+        chunk_query, chunk_key, chunk_value = query[images, heads, queries], key[images, heads], value[images, heads]
+        chunk_grad_output = grad_output[images, heads, queries]
+        # (images, heads, rows * width, height * width): the probabilities, then the gradient of the scores
+        scores = torch.matmul(chunk_query, chunk_key.transpose(-2, -1)).mul_(scale)
+        probs = torch.softmax(scores.add_(_chunk_bias(rel_h, rel_w, images, heads, rows)), dim=-1)
+        grad_scores = torch.matmul(chunk_grad_output, chunk_value.transpose(-2, -1))
+        grad_scores = grad_scores.sub_((probs * grad_scores).sum(-1, keepdim=True)).mul_(probs)
+        grad_query[images, heads, queries] = torch.matmul(grad_scores, chunk_key).mul_(scale)
+        grad_key[images, heads] += torch.matmul(grad_scores.transpose(-2, -1), chunk_query).mul_(scale)
+        grad_value[images, heads] += torch.matmul(probs.transpose(-2, -1), chunk_grad_output)
+        # the bias gradient, summed over key columns (rel_h) and over key rows (rel_w)
+        grad_scores = grad_scores.unflatten(2, (-1, width)).unflatten(-1, (height, width))
+        grad_rel_h[images, heads, rows] = grad_scores.sum(-1)
+        grad_rel_w[images, heads, rows] = grad_scores.sum(-2)
+    return tuple(grads)
+
+
+@chunked_attention.register_fake
+def _chunked_attention_shape(query, key, value, rel_h, rel_w, scale, mask_numel):
+    return _new_attention_output(query)
+
+
+@chunked_attention_backward.register_fake
+def _chunked_attention_backward_shapes(grad_output, query, key, value, rel_h, rel_w, scale, mask_numel):
+    return tuple(torch.empty_like(tensor) for tensor in (query, key, value, rel_h, rel_w))
+
+
+def _save_for_backward(ctx, inputs, output):
+    *tensors, ctx.scale, ctx.mask_numel = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _chunked_attention_grads(ctx, grad_output):
+    grads = chunked_attention_backward(grad_output, *ctx.saved_tensors, ctx.scale, ctx.mask_numel)
+    return *grads, None, None  # no gradient for scale and mask_numel
+
+
+chunked_attention.register_autograd(_chunked_attention_grads, setup_context=_save_for_backward)
+
+__all__ = ["AttentionPlan", "attention", "choose_kernel", "chunked_attention", "eager_attention", "folded_attention"]
