@@ -68,3 +68,17 @@ def test_points_without_labels_are_foreground_as_in_sam_and_said_so(models, capl
         reference = stock(**unlabeled)
     assert max_abs_diff(implicit.pred_masks, explicit.pred_masks) == 0.0
     assert max_abs_diff(implicit.pred_masks, reference.pred_masks) <= ATOL
+
+
+def test_forward_is_sam_models_own_and_checks_positional_inputs_too(models):
+    """The shape checks run in a forward pre-hook: `forward` stays SamModel's (signature and annotations included, which
+    transformers introspects), so arguments transformers adds later pass through untouched."""
+    stock, model = models
+    assert type(model).forward is type(stock).forward
+    inputs = sample_inputs(model.config)
+    with pytest.raises(ValueError, match=r"`pixel_values` must have shape \(\*, 3, 64, 64\), got \(3, 64, 64\)"):
+        model(inputs["pixel_values"][0], inputs["input_points"], inputs["input_labels"])
+    with torch.no_grad():
+        positional = model(inputs["pixel_values"], inputs["input_points"], inputs["input_labels"])
+        reference = stock(**inputs)
+    assert max_abs_diff(positional.pred_masks, reference.pred_masks) <= ATOL
