@@ -225,12 +225,14 @@ def resume(accelerator, model, output_dir: Path, which: str, run: dict, log) -> 
 
 def base_license(base_name: str, base_revision: str | None) -> str | None:
     """The `license` of the base model's card (a Hub repo or a local folder), or None."""
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, hf_hub_download
 
     card = Path(base_name) / "README.md"
     try:
-        return ModelCard.load(card if card.is_file() else base_name, revision=base_revision).data.license
-    except Exception:  # no card: the adapter card says nothing about a license
+        if not card.is_file():
+            card = hf_hub_download(base_name, "README.md", revision=base_revision)
+        return ModelCard.load(card).data.license
+    except Exception:  # no card, or one without metadata: the adapter card names no license
         return None
 
 

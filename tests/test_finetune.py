@@ -531,7 +531,8 @@ sys.path.insert(0, {str(ROOT / "tests")!r})
 from sam_testing import sample_inputs
 config = json.load(open(hf_hub_download("tester/sam-adapter", "adapter_config.json", revision="{adapter_sha}")))
 assert config["base_model_name_or_path"] == "tester/sam-base" and config["revision"] == "{base_sha}", config
-print("CARD", json.dumps(ModelCard.load("tester/sam-adapter", revision="{adapter_sha}").data.to_dict()))
+card = hf_hub_download("tester/sam-adapter", "README.md", revision="{adapter_sha}")
+print("CARD", json.dumps(ModelCard.load(card).data.to_dict()))
 model = AutoPeftModel.from_pretrained("tester/sam-adapter", revision="{adapter_sha}", trust_remote_code=True).eval()
 with torch.no_grad():
     logits = model(**sample_inputs(model.config), multimask_output=False).pred_masks
