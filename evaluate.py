@@ -114,12 +114,13 @@ def main(argv=None) -> dict:
             image = source.image(images[record["index"]].key)
             overlay(image, batch["masks"][position], predicted, record["name"]).save(partial / "overlays" / f"{stem}.png")
 
-    records, _ = evaluate(accelerator, model, loader, processor, [ref.name for ref in images], "bce", on_image=save)
+    records = evaluate(accelerator, model, loader, processor, [ref.name for ref in images], "bce", on_image=save)
     summary = summarize(records, source.class_names)
     if accelerator.is_main_process:
         for record in records:
             for obj in record["objects"]:
                 obj["class"] = source.class_names[obj.pop("class_id")]
+                del obj["loss"]  # Dice + BCE on the low-res mask: finetune.py's diagnostic, not a score
         provenance = {"model": args.model, "base_revision": args.base_revision, "adapter": args.adapter,
                       "adapter_revision": args.adapter_revision, "data": args.data, "prompt": args.prompt}
         (partial / "metrics.json").write_text(json.dumps({**provenance, **summary, "per_image": records}, indent=1))

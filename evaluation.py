@@ -222,28 +222,26 @@ def summarize(records: list, class_names: list) -> dict:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, processor, names: list, pixel_loss: str, on_image=None):
-    """Score `model` on a loader prepared by `accelerator` (each process a share of the images).
+def evaluate(accelerator, model, loader, processor, names: list, pixel_loss: str, on_image=None) -> list:
+    """Score `model` on a loader prepared by `accelerator` (each process a share of the images); return the records
+    of every image once, in dataset order, each object also with its low-res `loss`.
 
-    Returns (records of every image, in dataset order; mean low-res loss over objects). `on_image(record, image
-    masks, batch, position)` is called on the process that scored each image, e.g. to write overlays."""
+    `on_image(record, image masks, batch, position)` is called on the process that scored each image, e.g. to write
+    overlays."""
     was_training = model.training
     model.eval()
-    records, loss_sum, loss_count = [], torch.zeros((), device=accelerator.device), 0
+    records = []
     for batch in loader:
         with accelerator.autocast():
             losses, logits = object_losses(model, batch, pixel_loss)
-        loss_sum += losses.float().sum()
-        loss_count += len(losses)
         predicted = full_resolution_masks(processor, logits, batch)
         mine = score_images(predicted, batch, names)
-        if on_image is not None:
-            for position, record in enumerate(mine):
+        per_image = losses.float().cpu().split(batch["object_valid"].sum(1).tolist())
+        for position, (record, image_losses) in enumerate(zip(mine, per_image)):
+            for obj, loss in zip(record["objects"], image_losses.tolist()):
+                obj["loss"] = loss
+            if on_image is not None:
                 on_image(record, predicted[position], batch, position)
         records += accelerator.gather_for_metrics(mine, use_gather_object=True)
-    # Padding images of an uneven last batch count in the loss here: a small bias in a diagnostic value only.
-    total = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(loss_count), device=loss_sum.device)]),
-                               "sum")
     model.train(was_training)
-    unique = {record["index"]: record for record in records}
-    return [unique[i] for i in sorted(unique)], (total[0] / total[1].clamp(min=1)).item()
+    return sorted(records, key=lambda record: record["index"])

@@ -55,8 +55,8 @@ from tqdm.auto import tqdm
 from sam_split import SamSplitModel
 from sam_split.compat import sam_processor
 from sam_split.data import add_data_arguments, data_options, open_source, scan
-from sam_split.evaluation import PromptedImages, collate, decode_masks, evaluate, mask_grid_size, object_losses
-from sam_split.evaluation import summarize
+from sam_split.evaluation import (PromptedImages, collate, decode_masks, evaluate, mask_grid_size, object_losses,
+                                  summarize)
 from sam_split.visualize import overlay, plot_curves
 
 CHECKPOINTS = "checkpoints"
@@ -406,7 +406,7 @@ def trackers(report_to: str) -> list:
     packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
     available = [name for name in wanted if any(importlib.util.find_spec(p) for p in packages[name])]
     if report_to != "all" and not available:
-        raise SystemExit(f"error: --report-to {report_to} needs the `{report_to}` package: pip install {report_to}")
+        raise ValueError(f"--report-to {report_to} needs the `{report_to}` package: pip install {report_to}")
     return available
 
 
@@ -530,8 +530,8 @@ def parse_args(argv=None):
         parser.error("--early-stopping-patience needs --metric-for-best (the score that must improve)")
     try:
         args.trackers = trackers(args.report_to)
-    except SystemExit as error:
-        parser.error(str(error).removeprefix("error: "))
+    except ValueError as error:
+        parser.error(str(error))
     problem = check_output_dir(output_dir, bool(args.resume))
     if problem:
         parser.error(problem)
@@ -633,9 +633,10 @@ def main(argv=None) -> PeftModel:
 
         # Unwrapped: DDP's forward would broadcast buffers, a collective the prepared loader's even batches would
         # make safe, but that evaluation does not need.
-        records, loss = evaluate(accelerator, accelerator.unwrap_model(model), val_loader, processor, val_names,
-                                 args.loss, on_image=draw)
+        records = evaluate(accelerator, accelerator.unwrap_model(model), val_loader, processor, val_names, args.loss,
+                           on_image=draw)
         summary = summarize(records, val_source.class_names)
+        loss = float(np.mean([obj["loss"] for record in records for obj in record["objects"]]))
         entry = {"step": state.step, "val_loss": loss,
                  **{f"val_{k}": summary[k] for k in ("dice", "iou", "image_dice", "image_iou")},
                  "val_classes": summary["classes"]}

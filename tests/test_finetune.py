@@ -305,22 +305,29 @@ def test_best_checkpoint_is_the_saved_adapter_and_early_stop(data, tmp_path, mon
     assert json.loads((out / "eval_results.json").read_text())["fine_tuned"]["step"] == 2
 
 
-@pytest.mark.parametrize("case", ["file", "read-only", "lr", "nan-lr"])
+@pytest.mark.parametrize("case", ["file", "read-only", "lr", "nan-lr", "wandb"])
 def test_bad_output_dir_or_lr_is_refused_before_anything_loads(tmp_path, capsys, case):
     output = tmp_path / "out"
     extra = []
-    if case == "file":
+    if case == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb"):
+            pytest.skip("wandb is installed")
+        extra = ["--report-to", "wandb"]
+    elif case == "file":
         output.write_text("not a folder")
     elif case == "read-only":
         output = Path("/sys/sam-split-test-output")  # a read-only file system, even for root
-    else:
+    elif case in ("lr", "nan-lr"):
         extra = ["--lr", "1e39" if case == "lr" else "nan"]
     with pytest.raises(SystemExit) as raised:
         finetune.parse_args(["--model", "no/such-model", "--train-data", "nowhere", "--output-dir", str(output),
                              "--max-steps", "1", *extra])
     assert raised.value.code == 2
     expected = {"file": "is a file, expected a folder", "read-only": "is not writable",
-                "lr": "out of range: expected 0 < lr <= 1", "nan-lr": "out of range"}[case]
+                "lr": "out of range: expected 0 < lr <= 1", "nan-lr": "out of range",
+                "wandb": "--report-to wandb needs the `wandb` package"}[case]
     assert expected in capsys.readouterr().err
 
 
@@ -455,7 +462,7 @@ def test_saved_dataset_gives_the_same_samples_as_the_folder(data, tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_two_ddp_processes_end_with_identical_weights(data, tmp_path):
+def test_two_ddp_processes_end_with_identical_weights(data, decoder_run, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
                "--cpu", "--model", str(data["base"]), "--train-data", str(data["train"]), "--val-data",
@@ -468,6 +475,12 @@ def test_two_ddp_processes_end_with_identical_weights(data, tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
     assert "2 process(es) x batch 4" in result.stdout
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] == ["mask_decoder"]
+    # gather_for_metrics: the 4 validation images once each, though the second process got only padding to score.
+    validations = [e for e in metrics(tmp_path / "out") if "val_dice" in e]
+    assert [e["val_classes"]["object"]["objects"] for e in validations] == [4, 4]
+    single_process = next(e for e in metrics(decoder_run[1]) if e["step"] == 0)  # the same base model at step 0
+    for name in ("val_dice", "val_iou", "val_loss"):
+        assert validations[0][name] == pytest.approx(single_process[name], abs=1e-5), name
 
 
 def isolated_python(code: str, env: dict, cwd: Path) -> str:
