@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
             Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{k:03d}-{Path(obj['name']).stem}.png")
         if record["index"] < args.overlay_images:
             image = source.image(images[record["index"]].key)
-            overlay(image, batch["masks"][position], predicted, record["name"]).save(partial / "overlays" / f"{stem}.png")
+            overlay(image, batch["masks"][position], predicted).save(partial / "overlays" / f"{stem}.png")
 
     records = evaluate(accelerator, model, loader, processor, [ref.name for ref in images], "bce", on_image=save)
     summary = summarize(records, source.class_names)

@@ -628,7 +628,7 @@ def main(argv=None) -> PeftModel:
             if record["index"] < args.overlay_images:
                 overlay_dir.mkdir(parents=True, exist_ok=True)
                 image = val_source.image(val_set.images[record["index"]].key)
-                overlay(image, batch["masks"][position], predicted, record["name"]).save(
+                overlay(image, batch["masks"][position], predicted).save(
                     overlay_dir / f"{record['index']:04d}-{Path(record['name']).stem}.png")
 
         # Unwrapped: DDP's forward would broadcast buffers, a collective the prepared loader's even batches would

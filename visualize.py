@@ -19,7 +19,7 @@ def paint(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return out.round().astype(np.uint8)
 
 
-def overlay(image, truth: np.ndarray, predicted: np.ndarray, title: str = "") -> Image.Image:
+def overlay(image, truth: np.ndarray, predicted: np.ndarray) -> Image.Image:
     """Two panels, "ground truth" and "prediction", each object in the same colour in both."""
     array = np.asarray(image.convert("RGB"))
     height, width = array.shape[:2]
@@ -28,7 +28,7 @@ def overlay(image, truth: np.ndarray, predicted: np.ndarray, title: str = "") ->
     canvas.paste(Image.fromarray(paint(array, truth)), (0, band))
     canvas.paste(Image.fromarray(paint(array, predicted)), (width + 4, band))
     draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), f"ground truth {title}".strip(), fill=(0, 0, 0))
+    draw.text((2, 1), "ground truth", fill=(0, 0, 0))
     draw.text((width + 6, 1), "prediction", fill=(0, 0, 0))
     return canvas
 
