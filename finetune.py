@@ -1,30 +1,32 @@
 #!/usr/bin/env python3
 """Fine-tune a `SamSplitModel` with LoRA on the vision encoder's `q`/`v` (optionally the whole mask decoder too).
 
-One object per sample, prompted by a box (and/or points) derived from its mask, as MedSAM/SAMed do; Dice + BCE (or
-focal) loss on SAM's low-resolution masks (256x256 at image_size 1024); AdamW. Runs as is under `accelerate launch`.
+Each step encodes every image once and decodes up to `--objects-per-image` of its objects against that one image
+embedding, each prompted by a box (and/or positive and negative points) drawn from its mask, as SAM's own training
+does; Dice + BCE (or focal) loss on SAM's low-resolution masks (256x256 at image_size 1024); AdamW. Validation scores
+Dice and IoU at each image's original resolution, per object, per image and per class, before training (the base
+model) and every `--eval-every` steps. Runs as is under `accelerate launch`.
 
-    python finetune.py --model ORG/sam-split-vit-base --revision BASE_SHA \\
+    python finetune.py --model ORG/sam-split-vit-base --base-revision BASE_SHA \\
         --train-data data/train --val-data data/val --output-dir out/run1 --max-steps 2000 \\
-        [--train-decoder] [--save-every 200] [--eval-every 200] [--push-to ORG/my-adapter] [--merge-to-sam out/sam]
+        [--train-decoder] [--save-every 200] [--eval-every 200] [--metric-for-best dice] [--report-to tensorboard] \\
+        [--push-to ORG/my-adapter] [--merge-to-sam out/sam]
 
     accelerate launch --multi_gpu --num_processes 2 finetune.py ...           # DDP on 2 GPUs
     accelerate launch --multi_gpu --num_processes 2 finetune.py --cpu ...     # DDP on CPU (gloo)
+    python finetune.py --output-dir out/run1 --publish-only --push-to ORG/my-adapter   # publish a finished run again
 
-Data (`--train-data`, `--val-data`) is either
-  - a folder `DIR/images/<name>.png|jpg|...` with `DIR/masks/<name>*.png`, one binary (0/1 or 0/255) mask per object,
-    several per image allowed; or
-  - a `datasets` dataset saved with `save_to_disk`, with an image column and a mask column holding one mask or a list
-    of masks per row (`--image-column`, `--mask-column`; a DatasetDict uses `--train-split` / `--val-split`).
-Every file is read once before training: an image without masks, an empty or non-binary mask, a mask whose size differs
-from its image and an unreadable file are counted, printed and skipped (`--strict-data` makes them errors), so no bad
-sample can stop a run half-way.
+Data (`--train-data`, `--val-data`): see `data.py`. Every file is read once before training: an image without masks,
+an empty or non-binary mask, a mask whose size differs from its image and an unreadable file are counted, printed and
+skipped (`--strict-data` makes them errors), so no bad sample can stop a run half-way.
 
 OUT receives the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`, a model card), loadable with
-`PeftModel.from_pretrained(base, OUT)`; its config records the base repository and the resolved commit sha of the base
-(`base_model_name_or_path`, `revision`). `OUT/checkpoints/step-N` hold `accelerator.save_state` checkpoints (trainable
-weights, optimizer, scheduler, step); `--resume` continues the same run: same steps, same data order, same weights.
-`OUT/metrics.jsonl` logs the training loss per step and validation mean IoU (on the low-resolution masks).
+`PeftModel.from_pretrained(base, OUT)` or `AutoPeftModel.from_pretrained(OUT, trust_remote_code=True)`; its config
+records the base repository and the resolved commit sha of the base. `OUT/checkpoints/step-N` hold
+`accelerator.save_state` checkpoints (trainable weights, optimizer, scheduler, step); `--resume` continues the same run:
+same steps, same data order, same weights. `OUT/metrics.jsonl` logs the training loss per step and each validation;
+`OUT/eval_results.json` puts the base model's scores next to the fine-tuned ones; `OUT/overlays/step-N/` shows ground
+truth and prediction on a fixed set of validation images; `OUT/curves.png` plots loss, learning rate, Dice and IoU.
 """
 
 import argparse
@@ -36,308 +38,38 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from sam_split import SamSplitModel
 from sam_split.compat import sam_processor
+from sam_split.data import add_data_arguments, data_options, open_source, scan
+from sam_split.evaluation import (PromptedImages, collate, decode_masks, evaluate, mask_grid_size, object_losses,
+                                  summarize)
+from sam_split.visualize import overlay, plot_curves
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 CHECKPOINTS = "checkpoints"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 DECODER = "mask_decoder"
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-
-
-class BadSample(Exception):
-    """A sample that cannot be trained on; the message is the reason, counted and printed by `scan`."""
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of `image`; 16-bit and float images (common in medical data) are min-max scaled to 8 bits first."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        low, high = float(array.min()), float(array.max())
-        array = (array - low) / (high - low or 1.0) * 255.0
-        image = Image.fromarray(array.round().astype(np.uint8))
-    return image.convert("RGB")
-
-
-def binary_mask(mask) -> np.ndarray:
-    """A mask (PIL image or array) with values in {0, 1} or {0, 255} as a bool array (height, width)."""
-    if isinstance(mask, Image.Image):
-        mask = mask.convert("L") if mask.mode not in ("1", "L", "I", "I;16", "P") else mask
-    array = np.asarray(mask)
-    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise BadSample(f"mask has shape {array.shape}, expected (height, width)")
-    if array.dtype == bool:
-        return array
-    values = np.unique(array)
-    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
-        raise BadSample(f"mask is not binary (values {values[:6].tolist()}...; expected 0/1 or 0/255)")
-    return array > 0
-
-
-class FolderSource:
-    """`DIR/images/<name>.<ext>` with its masks `DIR/masks/<name>*.png` (a mask belongs to the longest image name that
-    prefixes it, so `case1` and `case10` do not steal each other's masks)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        image_dir, mask_dir = root / "images", root / "masks"
-        for folder in (image_dir, mask_dir):
-            if not folder.is_dir():
-                raise SystemExit(f"error: {root} is neither a `datasets` folder nor has {folder.name}/ "
-                                 "(expected DIR/images/<name>.png and DIR/masks/<name>*.png)")
-        self.images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-        self.masks = {stem: [] for stem in self.images}
-        self.orphans = []
-        for path in sorted(mask_dir.glob("*.png")):
-            owner = next((path.stem[:k] for k in range(len(path.stem), 0, -1) if path.stem[:k] in self.images), None)
-            (self.masks[owner] if owner is not None else self.orphans).append(path)
-
-    def describe(self) -> str:
-        return f"{self.root} (folder: {len(self.images)} images)"
-
-    def items(self):
-        """(image key, [mask keys], display name) per image."""
-        for stem, path in self.images.items():
-            yield stem, [str(p) for p in self.masks[stem]], path.name
-
-    def skipped_up_front(self):
-        return [(p.name, "mask without an image") for p in self.orphans]
-
-    def image(self, key) -> Image.Image:
-        with Image.open(self.images[key]) as image:
-            return to_rgb(image)
-
-    def mask(self, key) -> np.ndarray:
-        with Image.open(key) as mask:
-            mask.load()
-            return binary_mask(mask)
-
-
-class DatasetSource:
-    """A `datasets.Dataset` saved with `save_to_disk`: an image column, a mask column (one mask or a list per row)."""
-
-    def __init__(self, root: Path, split: str, image_column: str, mask_column: str):
-        import datasets
-
-        loaded = datasets.load_from_disk(str(root))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded and len(loaded) != 1:
-                raise SystemExit(f"error: {root} has splits {sorted(loaded)}, no {split!r} "
-                                 "(see --train-split/--val-split)")
-            loaded = loaded[split] if split in loaded else next(iter(loaded.values()))
-        missing = [c for c in (image_column, mask_column) if c not in loaded.column_names]
-        if missing:
-            raise SystemExit(f"error: {root} has no column {missing} (columns: {loaded.column_names}; see "
-                             "--image-column/--mask-column)")
-        # One-column views, so that reading a mask does not decode the image of its row and vice versa.
-        self.root, self.image_column, self.mask_column = root, image_column, mask_column
-        self.image_rows, self.mask_rows = loaded.select_columns([image_column]), loaded.select_columns([mask_column])
-
-    def describe(self) -> str:
-        return f"{self.root} (datasets: {len(self.mask_rows)} rows)"
-
-    def _masks(self, row: int) -> list:
-        masks = self.mask_rows[row][self.mask_column]
-        return list(masks) if isinstance(masks, (list, tuple)) else [masks]
-
-    def items(self):
-        for row in range(len(self.mask_rows)):
-            try:
-                count = len(self._masks(row))
-            except Exception:
-                count = 1  # decoding fails again in `scan`, which counts the mask as unreadable
-            yield row, [(row, i) for i in range(count)], f"row {row}"
-
-    def skipped_up_front(self):
-        return []
-
-    def image(self, row) -> Image.Image:
-        image = self.image_rows[row][self.image_column]
-        return to_rgb(image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)))
-
-    def mask(self, key) -> np.ndarray:
-        row, index = key
-        return binary_mask(self._masks(row)[index])
-
-
-def open_source(path: str, split: str, args):
-    root = Path(path)
-    if not root.exists():
-        raise SystemExit(f"error: data folder {root} does not exist")
-    if (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
-        return DatasetSource(root, split, args.image_column, args.mask_column)
-    return FolderSource(root)
-
-
-@dataclass(frozen=True)
-class Sample:
-    image: object  # the source's image key
-    mask: object  # the source's mask key
-    name: str
-    box: tuple  # tight (x0, y0, x1, y1) of the mask, in image pixels
-
-
-def low_res_target(mask: np.ndarray, size: int) -> np.ndarray:
-    """The mask at SAM's low-res mask grid: longest side resized to `size` as the processor resizes the image to
-    `image_size`, then zero-padded bottom/right like the image, so it lines up with `pred_masks`."""
-    height, width = mask.shape
-    scale = size / max(height, width)
-    new_size = (int(width * scale + 0.5), int(height * scale + 0.5))
-    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(new_size, Image.NEAREST)) > 127
-    target = np.zeros((size, size), dtype=np.float32)
-    target[: resized.shape[0], : resized.shape[1]] = resized
-    return target
-
-
-def scan(source, mask_grid: int, strict: bool, log) -> list:
-    """Read every image and mask once; return the usable samples and print a count of the skipped ones by reason."""
-    samples, skipped = [], list(source.skipped_up_front())
-    for image_key, mask_keys, name in source.items():
-        if not mask_keys:
-            skipped.append((name, "image without masks"))
-            continue
-        try:
-            width, height = source.image(image_key).size
-        except Exception as error:
-            skipped.append((name, f"unreadable image ({type(error).__name__}: {error})"))
-            continue
-        for index, mask_key in enumerate(mask_keys):
-            mask_name = Path(mask_key).name if isinstance(mask_key, str) else f"{name} mask {index}"
-            try:
-                mask = source.mask(mask_key)
-            except BadSample as error:
-                skipped.append((mask_name, str(error)))
-                continue
-            except Exception as error:
-                skipped.append((mask_name, f"unreadable mask ({type(error).__name__}: {error})"))
-                continue
-            if mask.shape != (height, width):
-                skipped.append((mask_name, f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}"))
-            elif not mask.any():
-                skipped.append((mask_name, "empty mask"))
-            elif not low_res_target(mask, mask_grid).any():
-                skipped.append((mask_name, f"object vanishes at the {mask_grid}x{mask_grid} mask grid"))
-            else:
-                rows, cols = np.nonzero(mask)
-                box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
-                samples.append(Sample(image_key, mask_key, mask_name, box))
-    if skipped:
-        reasons = Counter(re.sub(r" \(.*", "", reason) for _, reason in skipped)
-        lines = [f"  {name}: {reason}" for name, reason in skipped[:10]]
-        more = [f"  ... and {len(skipped) - 10} more"] if len(skipped) > 10 else []
-        summary = "; ".join(f"{count} {reason}" for reason, count in reasons.items())
-        if strict:
-            raise SystemExit("\n".join([f"error: {source.describe()}: {len(skipped)} bad samples ({summary})"]
-                                       + lines + more))
-        log("\n".join([f"{source.describe()}: skipped {len(skipped)} ({summary})"] + lines + more))
-    if not samples:
-        raise SystemExit(f"error: {source.describe()} has no usable (image, mask) pair")
-    log(f"{source.describe()}: {len(samples)} objects")
-    return samples
-
-
-class PromptedSegmentation(torch.utils.data.Dataset):
-    """Processor inputs plus a prompt and a low-res target per object.
-
-    Indexed by `(epoch, index)`; prompt noise is drawn from a generator seeded by `(seed, epoch, index)`, so a sample
-    is the same whichever process or worker makes it and whenever (exact resume). `epoch < 0` means evaluation: the
-    tight box and points fixed per sample.
-    """
-
-    def __init__(self, source, samples, processor, mask_grid, prompt, num_points, box_jitter, seed):
-        self.source, self.samples, self.processor, self.mask_grid = source, samples, processor, mask_grid
-        self.prompt, self.num_points, self.box_jitter, self.seed = prompt, num_points, box_jitter, seed
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        sample = self.samples[index]
-        image, mask = self.source.image(sample.image), self.source.mask(sample.mask)
-        rng = np.random.default_rng([self.seed, int(epoch >= 0), max(epoch, 0), index])
-        prompt = {}
-        if "box" in self.prompt:
-            box = np.array(sample.box, dtype=np.float64)
-            if epoch >= 0 and self.box_jitter > 0:
-                # SAM's recipe: each edge moved by noise proportional to the box's side (MedSAM: a few pixels).
-                side = np.array([box[2] - box[0], box[3] - box[1]] * 2) + 1
-                box += rng.uniform(-1, 1, 4) * self.box_jitter * side
-                box = np.clip(box, 0, [image.width - 1, image.height - 1] * 2)
-                box[2:] = np.maximum(box[2:], box[:2] + 1)
-            prompt["input_boxes"] = [[box.tolist()]]
-        if "point" in self.prompt:
-            rows, cols = np.nonzero(mask)
-            chosen = rng.choice(len(rows), self.num_points, replace=len(rows) < self.num_points)
-            prompt["input_points"] = [[[[float(cols[i]), float(rows[i])] for i in chosen]]]
-            prompt["input_labels"] = [[[1] * self.num_points]]
-        encoded = self.processor(images=image, return_tensors="pt", **prompt)
-        target = torch.from_numpy(low_res_target(mask, self.mask_grid))
-        item = {"pixel_values": encoded["pixel_values"], "labels": target[None]}
-        for name in ("input_boxes", "input_points"):
-            if name in encoded:
-                item[name] = encoded[name].float()
-        if "input_labels" in encoded:
-            item["input_labels"] = encoded["input_labels"].long()
-        return item
-
-
-def collate(items: list) -> dict:
-    return {name: torch.cat([item[name] for item in items]) for name in items[0]}
-
-
-class StreamBatchSampler:
-    """Endless per-process batches of `(epoch, index)`, starting at micro-batch `start`.
-
-    Epoch e is a permutation of the samples seeded by `(seed, e)`, wrapped around to a whole number of global batches
-    (`batch_size * num_processes`); global batch g gives process r its slice r. Micro-batch m of every process is thus
-    a pure function of m, which is what makes `--resume` continue with exactly the data an uninterrupted run would see.
-    """
-
-    def __init__(self, num_samples, batch_size, num_processes, process_index, seed, start=0):
-        self.num_samples, self.batch_size, self.seed, self.start = num_samples, batch_size, seed, start
-        self.num_processes, self.process_index = num_processes, process_index
-        self.batches_per_epoch = math.ceil(num_samples / (batch_size * num_processes))
-
-    def __iter__(self):
-        micro, order_epoch = self.start, None
-        global_batch = self.batch_size * self.num_processes
-        while True:
-            epoch, batch = divmod(micro, self.batches_per_epoch)
-            if epoch != order_epoch:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-                order, order_epoch = np.resize(order, self.batches_per_epoch * global_batch), epoch  # wraps around
-            begin = batch * global_batch + self.process_index * self.batch_size
-            yield [(epoch, int(i)) for i in order[begin : begin + self.batch_size]]
-            micro += 1
+# Scores `--metric-for-best` can choose from (all from full-resolution validation); lower is better only for loss.
+BEST_METRICS = ("dice", "iou", "image_dice", "image_iou", "loss")
+# The base is loaded through transformers' AutoModel (its repo carries the code, `auto_map`), so that
+# `AutoPeftModel.from_pretrained(adapter, trust_remote_code=True)` works without this package installed.
+AUTO_MAPPING = {"base_model_class": "AutoModel", "parent_library": "transformers"}
 
 
 # ---------------------------------------------------------------------------------------------------------- model
-
-
-def mask_grid_size(config) -> int:
-    """Side of SAM's low-res masks: 4x the image-embedding grid (256 at image_size 1024, patch 16)."""
-    return 4 * (config.vision_config.image_size // config.vision_config.patch_size)
 
 
 def resolve_base(model: str, revision: str | None) -> tuple[str, str | None]:
@@ -345,7 +77,7 @@ def resolve_base(model: str, revision: str | None) -> tuple[str, str | None]:
     the adapter records the exact base it was trained on."""
     if Path(model).is_dir():
         if revision:
-            raise SystemExit(f"error: --revision is for Hub ids; {model} is a local folder")
+            raise SystemExit(f"error: --base-revision is for Hub ids; {model} is a local folder")
         return str(Path(model).resolve()), None
     if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
         return model, revision
@@ -358,19 +90,20 @@ def resolve_base(model: str, revision: str | None) -> tuple[str, str | None]:
     return model, sha
 
 
-def build_model(args, base_name: str, base_revision: str | None) -> PeftModel:
+def build_model(base_name, base_revision, lora_r, lora_alpha, lora_dropout, target_modules, train_decoder,
+                gradient_checkpointing) -> PeftModel:
     base = SamSplitModel.from_pretrained(base_name, revision=base_revision)
-    if args.gradient_checkpointing:
+    if gradient_checkpointing:
         # Non-reentrant: the frozen inputs of the checkpointed layers need no `requires_grad` for LoRA to get grads.
         base.activation_checkpointing_enable({"use_reentrant": False})
     config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=args.target_modules,
-        modules_to_save=[DECODER] if args.train_decoder else None,
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+        modules_to_save=[DECODER] if train_decoder else None,
         task_type=None,  # the task types feed `input_ids`, which SAM does not take
     )
     model = get_peft_model(base, config, revision=base_revision)
     model.peft_config["default"].base_model_name_or_path = base_name
-    for target in args.target_modules:
+    for target in target_modules:
         if not any(name.endswith(f".{target}") and hasattr(module, "lora_A") for name, module in model.named_modules()):
             raise SystemExit(f"error: --target-modules entry {target!r} matches no Linear layer of the model")
     return model
@@ -388,93 +121,34 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------------ loss and metrics
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, pixel_loss: str) -> torch.Tensor:
-    """Per-sample Dice + BCE (or focal) on (batch_size, height, width) logits and {0, 1} targets."""
-    probs = logits.sigmoid()
-    intersection = (probs * target).sum((1, 2))
-    dice = 1 - (2 * intersection + 1) / (probs.sum((1, 2)) + target.sum((1, 2)) + 1)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    if pixel_loss == "focal":  # RetinaNet's sigmoid focal loss, alpha 0.25, gamma 2, as SAM uses
-        p_t = probs * target + (1 - probs) * (1 - target)
-        bce = (0.25 * target + 0.75 * (1 - target)) * (1 - p_t) ** 2 * bce
-    return dice + bce.mean((1, 2))
-
-
-def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    predicted, target = logits > 0, target > 0.5
-    intersection = (predicted & target).sum((1, 2)).float()
-    union = (predicted | target).sum((1, 2)).float()
-    return intersection / union.clamp(min=1)
-
-
-def forward(model, batch: dict):
-    """Low-res mask logits (batch_size, grid, grid) and predicted IoU (batch_size,), one mask per prompt."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    outputs = model(**inputs, multimask_output=False)
-    return outputs.pred_masks[:, 0, 0].float(), outputs.iou_scores[:, 0, 0].float()
-
-
-def batch_loss(model, batch, args):
-    logits, iou_prediction = forward(model, batch)
-    loss = segmentation_loss(logits, batch["labels"], args.loss)
-    if args.iou_loss_weight > 0:
-        loss = loss + args.iou_loss_weight * (iou_prediction - mask_iou(logits, batch["labels"]).detach()) ** 2
-    return loss.mean()
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, dataset, args) -> dict:
-    """Mean IoU and loss over the validation set, each process taking every num_processes-th sample."""
-    model.eval()
-    mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    per_process = math.ceil(len(dataset) / accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=[(-1, i) for i in mine],
-                                         collate_fn=collate, num_workers=args.num_workers)
-    ious, losses = [], []
-    for batch in loader:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            logits, _ = forward(model, batch)
-        ious.append(mask_iou(logits, batch["labels"]))
-        losses.append(segmentation_loss(logits, batch["labels"], args.loss))
-    values = torch.zeros(per_process, 3, device=accelerator.device)  # iou, loss, valid (padding rows stay 0)
-    if mine:
-        values[: len(mine), 0], values[: len(mine), 1], values[: len(mine), 2] = torch.cat(ious), torch.cat(losses), 1
-    values = accelerator.gather(values)
-    model.train()
-    valid = values[:, 2] > 0
-    return {"val_iou": values[valid, 0].mean().item(), "val_loss": values[valid, 1].mean().item()}
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 
 class TrainState:
-    """The optimizer-step counter, checkpointed with `accelerator.register_for_checkpointing`."""
+    """Step counter and best-score bookkeeping, checkpointed with `accelerator.register_for_checkpointing`."""
 
     def __init__(self):
-        self.step = 0
+        self.step, self.best, self.best_step, self.evals_since_best = 0, None, None, 0
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "best": self.best, "best_step": self.best_step,
+                "evals_since_best": self.evals_since_best}
 
     def load_state_dict(self, state):
-        self.step = state["step"]
+        self.step, self.best = state["step"], state.get("best")
+        self.best_step, self.evals_since_best = state.get("best_step"), state.get("evals_since_best", 0)
 
-
-def find_checkpoint(output_dir: Path, resume: str) -> Path:
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "run.json").exists():
-            raise SystemExit(f"error: --resume {path} is not a checkpoint folder of finetune.py")
-        return path
-    found = sorted((output_dir / CHECKPOINTS).glob("step-*[0-9]"))
-    if not found:
-        raise SystemExit(f"error: --resume: no checkpoint in {output_dir / CHECKPOINTS}")
-    return found[-1]
+    def improves(self, value: float, lower_is_better: bool) -> bool:
+        """Record `value`; True when it is the best so far."""
+        if self.best is None or (value < self.best if lower_is_better else value > self.best):
+            self.best, self.best_step, self.evals_since_best = value, self.step, 0
+            return True
+        self.evals_since_best += 1
+        return False
 
 
 def keep_trainable_weights(models, weights, output_dir):
@@ -484,7 +158,9 @@ def keep_trainable_weights(models, weights, output_dir):
         weights[i] = {name: tensor for name, tensor in weights[i].items() if name in names}
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, run: dict):
+def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int, run: dict):
+    if not all_finite(trainable_state(model).values()):  # never a checkpoint that --resume would diverge from
+        raise SystemExit(f"error: trainable weights are not finite at step {step}; not saving a checkpoint")
     final = output_dir / CHECKPOINTS / f"step-{step:08d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process and partial.exists():
@@ -511,41 +187,108 @@ def load_checkpoint(accelerator, model, path: Path, run: dict):
     if changed:
         raise SystemExit("error: --resume with settings that differ from the checkpoint's run: "
                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
-    accelerator.load_state(str(path), strict=False)  # the file holds the trainable weights alone
     with safe_open(str(path / "model.safetensors"), "pt") as saved:
         saved_names = set(saved.keys())
     expected = {name for name, param in model.named_parameters() if param.requires_grad}
     if saved_names != expected:
         raise SystemExit(f"error: checkpoint {path} does not hold this model's trainable weights (missing "
                          f"{sorted(expected - saved_names)[:4]}, unexpected {sorted(saved_names - expected)[:4]})")
+    accelerator.load_state(str(path), strict=False)  # the file holds the trainable weights alone
+
+
+def resume(accelerator, model, output_dir: Path, which: str, run: dict, log) -> Path:
+    """Load `which` (a checkpoint folder) or, for "latest", the newest readable checkpoint of the run: an unreadable
+    one (interrupted copy, corrupt file) is named and the next older one is tried."""
+    if which != "latest":
+        candidates = [Path(which)]
+        if not (candidates[0] / "run.json").exists():
+            raise SystemExit(f"error: --resume {which} is not a checkpoint folder of finetune.py")
+    else:
+        candidates = sorted((output_dir / CHECKPOINTS).glob("step-*[0-9]"), reverse=True)
+        if not candidates:
+            raise SystemExit(f"error: --resume: no checkpoint in {output_dir / CHECKPOINTS}")
+    for position, path in enumerate(candidates):
+        try:
+            load_checkpoint(accelerator, model, path, run)
+            return path
+        except SystemExit:
+            raise
+        except Exception as error:
+            reason = f"checkpoint {path} is unreadable ({type(error).__name__}: {error})"
+            if position + 1 == len(candidates):
+                raise SystemExit(f"error: --resume: {reason}" + ("; no older checkpoint is kept" if position else ""))
+            log(f"warning: {reason}; falling back to {candidates[position + 1]}")
 
 
 # --------------------------------------------------------------------------------------------------------- outputs
 
 
-def model_card(base_name: str, base_revision: str | None, args) -> str:
+def base_license(base_name: str, base_revision: str | None) -> str | None:
+    """The `license` of the base model's card (a Hub repo or a local folder), or None."""
+    from huggingface_hub import ModelCard, hf_hub_download
+
+    card = Path(base_name) / "README.md"
+    try:
+        if not card.is_file():
+            card = hf_hub_download(base_name, "README.md", revision=base_revision)
+        return ModelCard.load(card).data.license
+    except Exception:  # no card, or one without metadata: the adapter card names no license
+        return None
+
+
+def hub_dataset(spec: str | None) -> str | None:
+    """`spec` when it names a Hub dataset (not a local path)."""
+    return spec if spec and not Path(spec).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) else None
+
+
+def model_card(base_name: str, base_revision: str | None, repo_name: str, license: str | None, datasets: list,
+               val_name: str | None, results: dict | None, hyperparameters: dict) -> str:
+    """The adapter's README: `ModelCardData` front matter (base model as a Hub id, the base's license, datasets,
+    validation Dice/IoU as `eval_results`), how to load it pinned, the hyper-parameters."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     base_is_hub = base_revision is not None
-    front = ["---", "library_name: peft", "pipeline_tag: mask-generation", "tags: [sam, lora, image-segmentation]"]
-    if base_is_hub:
-        front.append(f"base_model: {base_name}")
-    trained = f"LoRA r={args.lora_r}, alpha={args.lora_alpha} on {', '.join(args.target_modules)}"
-    trained += " plus the whole mask decoder" if args.train_decoder else ""
+    eval_results = None
+    if results:
+        eval_results = [EvalResult(task_type="image-segmentation", dataset_type=hub_dataset(val_name) or "custom",
+                                   dataset_name=Path(val_name).name or val_name, metric_type=metric,
+                                   metric_name=f"mean {metric} per object (full resolution)",
+                                   metric_value=round(results[metric], 4)) for metric in ("dice", "iou")]
+    card_data = ModelCardData(
+        library_name="peft", pipeline_tag="mask-generation", license=license,
+        base_model=base_name if base_is_hub else None, datasets=[d for d in datasets if d] or None,
+        tags=["sam", "lora", "image-segmentation", "sam-split"], model_name=repo_name, eval_results=eval_results,
+    )
     revision = f', revision="{base_revision}"' if base_is_hub else ""
-    on_base = f"on base `{base_name}`" + (f" at `{base_revision}`." if base_is_hub else ".")
-    return "\n".join(front + ["---", "", "# SAM LoRA adapter", "", f"{trained}, {args.max_steps} steps, {on_base}",
-        "", "```python", "from peft import PeftModel", "from transformers import AutoModel", "",
-        f'base = AutoModel.from_pretrained("{base_name}", trust_remote_code=True{revision})',
-        f'model = PeftModel.from_pretrained(base, "{args.push_to or args.output_dir}"'
-        + (', revision="COMMIT_SHA_OF_THIS_ADAPTER")' if args.push_to else ")"),
-        "```", ""])
+    lines = ["# SAM LoRA adapter", "",
+             f"LoRA on `{base_name}`" + (f" at `{base_revision}`" if base_is_hub else "") + ".", "",
+             "```python", "from peft import AutoPeftModel, PeftModel", "from transformers import AutoModel", "",
+             f'model = AutoPeftModel.from_pretrained("{repo_name}", revision="ADAPTER_SHA", trust_remote_code=True)',
+             "# or, explicitly:",
+             f'base = AutoModel.from_pretrained("{base_name}", trust_remote_code=True{revision})',
+             f'model = PeftModel.from_pretrained(base, "{repo_name}", revision="ADAPTER_SHA")', "```", ""]
+    if results:
+        lines += ["## Validation (Dice / IoU per object, original resolution)", "", "| class | Dice | IoU | objects |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {c['dice']:.4f} | {c['iou']:.4f} | {c['objects']} |"
+                  for name, c in results["classes"].items()]
+        lines += [f"| **all** | {results['dice']:.4f} | {results['iou']:.4f} | {results['objects']} |", ""]
+    lines += ["## Training hyper-parameters", "", "| name | value |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in hyperparameters.items()] + [""]
+    return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
 def save_adapter(model, output_dir: Path, card: str):
     """Write the adapter files into OUT: built in a temporary folder, then moved in with `adapter_config.json` last
     (and removed first), so OUT never holds a config next to another run's or a half-written weights file."""
+    if not all_finite(trainable_state(model).values()):
+        raise SystemExit("error: trainable weights are not finite; not saving the adapter")
     partial = output_dir / ".adapter.partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(str(partial))
+    config_path = partial / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "auto_mapping": AUTO_MAPPING},
+                                      indent=2, sort_keys=True))
     (partial / "README.md").write_text(card)
     (output_dir / "adapter_config.json").unlink(missing_ok=True)
     for name in ("adapter_model.safetensors", "README.md", "adapter_config.json"):
@@ -553,25 +296,39 @@ def save_adapter(model, output_dir: Path, card: str):
     shutil.rmtree(partial)
 
 
-def push_adapter(output_dir: Path, repo: str, step: int) -> str:
+def push_adapter(output_dir: Path, repo: str, message: str) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo, exist_ok=True)
-    info = api.upload_folder(repo_id=repo, folder_path=str(output_dir), allow_patterns=list(ADAPTER_FILES),
-                             commit_message=f"LoRA adapter after {step} steps")
+    try:
+        api.create_repo(repo, exist_ok=True)
+        info = api.upload_folder(repo_id=repo, folder_path=str(output_dir), allow_patterns=list(ADAPTER_FILES),
+                                 commit_message=message)
+    except Exception as error:
+        raise SystemExit(f"error: pushing to {repo} failed ({type(error).__name__}: {error}).\nThe adapter is complete "
+                         f"in {output_dir}; publish it again with:\n  python finetune.py --output-dir {output_dir} "
+                         f"--publish-only --push-to {repo}") from None
     print(f"pushed adapter to {repo} at revision {info.oid}\n  {info.commit_url}")
     return info.oid
 
 
-def merge_to_sam(model: PeftModel, processor, batch: dict, target: Path):
+def verification_batch(config) -> dict:
+    """A fixed random image with one box prompt, to compare a merged model's masks with the adapter's."""
+    size = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(0)
+    return {"pixel_values": torch.randn(1, 3, size, size, generator=generator),
+            "input_boxes": torch.tensor([[[size * 0.2, size * 0.25, size * 0.7, size * 0.8]]])}
+
+
+def merge_to_sam(model: PeftModel, processor, target: Path):
     """Merge the adapter into a copy of the base, convert to a stock `SamModel`, check its outputs, save atomically."""
     model.eval()
     merged = copy.deepcopy(model).merge_and_unload()
     sam = merged.to_sam()
+    batch = {k: v.to(model.device) for k, v in verification_batch(model.config).items()}
     with torch.no_grad():
-        expected, _ = forward(model, batch)
-        got, _ = forward(sam, batch)
+        expected, _ = decode_masks(model, batch)
+        got, _ = decode_masks(sam, batch)
     difference = (expected - got).abs().max().item()
     tolerance = 1e-4 * max(1.0, expected.abs().max().item())
     if difference > tolerance:
@@ -584,26 +341,108 @@ def merge_to_sam(model: PeftModel, processor, batch: dict, target: Path):
     print(f"merged stock SamModel saved to {target} (max |diff| vs adapter {difference:.1e})")
 
 
-# ------------------------------------------------------------------------------------------------------------ main
+def publish(model: PeftModel, output_dir: Path, push_to: str | None, merge_to: str | None, message: str):
+    """Merge first (local, checked), then push: a failed push leaves a complete folder to publish again."""
+    if merge_to:
+        merge_to_sam(model, sam_processor(model.config), Path(merge_to))
+    if push_to:
+        push_adapter(output_dir, push_to, message)
+
+
+def publish_finished(output_dir: Path, push_to: str | None, merge_to: str | None):
+    """`--publish-only`: push and/or merge the adapter a finished run left in `output_dir`."""
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    base = SamSplitModel.from_pretrained(config["base_model_name_or_path"], revision=config.get("revision"))
+    model = PeftModel.from_pretrained(base, str(output_dir))
+    publish(model, output_dir, push_to, merge_to, f"LoRA adapter from {output_dir.name}")
+    return model
+
+
+def side_by_side(base: dict, tuned: dict, tuned_step: int) -> str:
+    """A table of the base model's validation scores (step 0) next to the fine-tuned ones, per class."""
+    rows = [("all", base, tuned)] + [(name, base["classes"].get(name), scores)
+                                     for name, scores in tuned["classes"].items()]
+    lines = [f"{'class':<20} {'base dice':>10} {'dice':>8} {'base iou':>9} {'iou':>8}   (fine-tuned: step {tuned_step})"]
+    for name, before, after in rows:
+        before = before or {"dice": math.nan, "iou": math.nan}
+        lines.append(f"{name:<20} {before['dice']:>10.4f} {after['dice']:>8.4f} {before['iou']:>9.4f} "
+                     f"{after['iou']:>8.4f}")
+    return "\n".join(lines)
+
+
+class StreamBatchSampler:
+    """Endless per-process batches of `(epoch, index)` (images), starting at micro-batch `start`.
+
+    Epoch e is a permutation of the images seeded by `(seed, e)`, wrapped around to a whole number of global batches
+    (`batch_size * num_processes`); global batch g gives process r its slice r. Micro-batch m of every process is thus
+    a pure function of m, which is what makes `--resume` continue with exactly the data an uninterrupted run would see.
+    """
+
+    def __init__(self, num_samples, batch_size, num_processes, process_index, seed, start=0):
+        self.num_samples, self.batch_size, self.seed, self.start = num_samples, batch_size, seed, start
+        self.num_processes, self.process_index = num_processes, process_index
+        self.batches_per_epoch = math.ceil(num_samples / (batch_size * num_processes))
+
+    def __iter__(self):
+        micro, order_epoch = self.start, None
+        global_batch = self.batch_size * self.num_processes
+        while True:
+            epoch, batch = divmod(micro, self.batches_per_epoch)
+            if epoch != order_epoch:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+                order, order_epoch = np.resize(order, self.batches_per_epoch * global_batch), epoch  # wraps around
+            begin = batch * global_batch + self.process_index * self.batch_size
+            yield [(epoch, int(i)) for i in order[begin : begin + self.batch_size]]
+            micro += 1
+
+
+def trackers(report_to: str) -> list:
+    """`--report-to` as accelerate's `log_with`; a tracker asked for by name must be installed."""
+    import importlib.util
+
+    if report_to == "none":
+        return []
+    wanted = ["tensorboard", "wandb"] if report_to == "all" else [report_to]
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+    available = [name for name in wanted if any(importlib.util.find_spec(p) for p in packages[name])]
+    if report_to != "all" and not available:
+        raise ValueError(f"--report-to {report_to} needs the `{report_to}` package: pip install {report_to}")
+    return available
+
+
+def check_output_dir(path: Path, resume: bool) -> str | None:
+    """Why `path` cannot receive this run's outputs, or None: checked before anything slow is loaded."""
+    if path.exists() and not path.is_dir():
+        return f"--output-dir {path} is a file, expected a folder"
+    if not resume and path.is_dir() and any(path.iterdir()):
+        return f"--output-dir {path} is not empty: pass --resume to continue its run, or use a new folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        return f"--output-dir {path} is not writable ({error.strerror or error})"
+    return None
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     io = parser.add_argument_group("model and data")
-    io.add_argument("--model", required=True, help="SamSplitModel Hub id or local folder")
-    io.add_argument("--revision", help="base revision on the Hub (branch, tag or sha; recorded as its commit sha)")
-    io.add_argument("--train-data", required=True, help="images/+masks/ folder or `save_to_disk` dataset")
-    io.add_argument("--val-data", help="same formats; enables validation (mean IoU)")
-    io.add_argument("--output-dir", required=True, help="adapter, checkpoints/ and metrics.jsonl go here")
-    io.add_argument("--image-column", default="image")
-    io.add_argument("--mask-column", default="mask", help="one mask or a list of masks per row")
-    io.add_argument("--train-split", default="train", help="split of a saved DatasetDict")
-    io.add_argument("--val-split", default="validation", help="split of a saved DatasetDict")
+    io.add_argument("--model", help="SamSplitModel Hub id or local folder (required unless --publish-only)")
+    io.add_argument("--base-revision", help="base revision on the Hub (branch, tag or sha; recorded as its sha)")
+    io.add_argument("--train-data", help="training data (see data.py; required unless --publish-only)")
+    io.add_argument("--val-data", help="same formats; enables validation (Dice and IoU)")
+    io.add_argument("--output-dir", required=True, help="adapter, checkpoints/, metrics.jsonl and pictures go here")
+    add_data_arguments(parser)
     io.add_argument("--strict-data", action="store_true", help="bad samples are an error instead of a counted skip")
-    io.add_argument("--prompt", choices=("box", "point", "box+point"), default="box", help="prompt made from each mask")
-    io.add_argument("--num-points", type=int, default=1, help="positive points sampled in the mask (point prompts)")
-    io.add_argument("--box-jitter", type=float, default=0.1,
-                    help="training boxes: each edge moved by up to this fraction of the box side (default 0.1)")
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument("--prompt", choices=("box", "point", "box+point"), default="box",
+                         help="prompt made from each object's mask")
+    prompts.add_argument("--objects-per-image", type=int, default=8,
+                         help="objects decoded per image and step, sampled when an image has more (default 8)")
+    prompts.add_argument("--num-points", type=int, default=1, help="positive points sampled in the object")
+    prompts.add_argument("--num-negative-points", type=int, default=0, help="negative points sampled outside it")
+    prompts.add_argument("--box-jitter", type=float, default=0.1,
+                         help="training boxes: each edge moved by up to this fraction of the box side (default 0.1)")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora-r", type=int, default=8)
     lora.add_argument("--lora-alpha", type=float, default=16)
@@ -613,10 +452,10 @@ def parse_args(argv=None):
     lora.add_argument("--train-decoder", action="store_true",
                       help="also train the whole mask decoder (PEFT modules_to_save)")
     train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, required=True, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, default=2, help="per process and micro-batch")
+    train.add_argument("--max-steps", type=int, help="optimizer steps (required unless --publish-only)")
+    train.add_argument("--batch-size", type=int, default=2, help="images per process and micro-batch")
     train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, in (0, 1]")
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant")
     train.add_argument("--warmup-steps", type=int, default=0)
@@ -633,27 +472,26 @@ def parse_args(argv=None):
     run = parser.add_argument_group("evaluation, checkpoints, outputs")
     run.add_argument("--eval-every", type=int,
                      help="validate every N steps (default 200 with --val-data), at step 0 and at the end")
+    run.add_argument("--metric-for-best", choices=BEST_METRICS,
+                     help="keep the adapter of the best validation score instead of the last one")
+    run.add_argument("--early-stopping-patience", type=int, metavar="N",
+                     help="stop after N validations in a row without a better --metric-for-best")
+    run.add_argument("--overlay-images", type=int, default=4,
+                     help="validation images drawn (ground truth | prediction) at each validation (default 4)")
+    run.add_argument("--report-to", choices=("none", "tensorboard", "wandb", "all"), default="none",
+                     help="also log scalars and overlays through accelerate's trackers (TensorBoard: OUT/runs)")
     run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end (0: never)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     run.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                      help="continue the run in --output-dir from its newest checkpoint (or from CHECKPOINT)")
     run.add_argument("--push-to", metavar="REPO", help="upload the adapter to this Hub repo and print the commit sha")
     run.add_argument("--merge-to-sam", metavar="DIR", help="also save the merged model as a stock SamModel in DIR")
+    run.add_argument("--publish-only", action="store_true",
+                     help="do not train: push (--push-to) and/or merge (--merge-to-sam) the adapter that a finished "
+                          "run left in --output-dir")
     args = parser.parse_args(argv)
 
-    args.target_modules = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "lora_r", "num_points"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not args.target_modules:
-        parser.error("--target-modules is empty")
-    if args.eval_every is not None and not args.val_data:
-        parser.error("--eval-every needs --val-data")
-    if args.val_data and args.eval_every is None:
-        args.eval_every = 200
     output_dir = Path(args.output_dir)
-    if not args.resume and output_dir.exists() and any(output_dir.iterdir()):
-        parser.error(f"--output-dir {output_dir} is not empty: pass --resume to continue its run, or use a new folder")
     if args.merge_to_sam and Path(args.merge_to_sam).exists():
         parser.error(f"--merge-to-sam {args.merge_to_sam} already exists")
     if args.push_to:
@@ -661,39 +499,78 @@ def parse_args(argv=None):
 
         if not get_token():
             parser.error("--push-to needs a Hub token (HF_TOKEN or `hf auth login`)")
+    if args.publish_only:
+        if not (args.push_to or args.merge_to_sam):
+            parser.error("--publish-only needs --push-to and/or --merge-to-sam")
+        if not (output_dir / "adapter_config.json").is_file():
+            parser.error(f"--publish-only: {output_dir} holds no finished adapter (adapter_config.json)")
+        return args
+    missing = [f"--{name.replace('_', '-')}" for name in ("model", "train_data", "max_steps")
+               if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    args.target_modules = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "lora_r", "num_points",
+                 "objects_per_image"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_negative_points < 0 or args.overlay_images < 0:
+        parser.error("--num-negative-points and --overlay-images cannot be negative")
+    if not 0 < args.lr <= 1:  # also rejects nan; Adam moves each weight by ~lr per step
+        parser.error(f"--lr {args.lr} is out of range: expected 0 < lr <= 1 (LoRA usually takes 1e-5 to 1e-2)")
+    if not args.target_modules:
+        parser.error("--target-modules is empty")
+    if args.eval_every is not None and not args.val_data:
+        parser.error("--eval-every needs --val-data")
+    if args.val_data and args.eval_every is None:
+        args.eval_every = 200
+    if (args.metric_for_best or args.early_stopping_patience) and not args.val_data:
+        parser.error("--metric-for-best and --early-stopping-patience need --val-data")
+    if args.early_stopping_patience is not None and not args.metric_for_best:
+        parser.error("--early-stopping-patience needs --metric-for-best (the score that must improve)")
+    try:
+        args.trackers = trackers(args.report_to)
+    except ValueError as error:
+        parser.error(str(error))
+    problem = check_output_dir(output_dir, bool(args.resume))
+    if problem:
+        parser.error(problem)
     return args
 
 
 def main(argv=None) -> PeftModel:
     """Train; return the trained `PeftModel` (unwrapped) for callers that go on using it."""
     args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    if args.publish_only:
+        return publish_finished(output_dir, args.push_to, args.merge_to_sam)
     accelerator = Accelerator(
-        cpu=args.cpu, mixed_precision=args.mixed_precision,
+        cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.trackers or None,
+        project_dir=str(output_dir / "runs"),
         # With --train-decoder the IoU head gets no gradient unless --iou-loss-weight > 0.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_decoder)],
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         raise SystemExit("error: launched as several processes, but they do not form one job (no GPU?): pass --cpu")
     log = accelerator.print
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
-    base_name, base_revision = resolve_base(args.model, args.revision)
+    base_name, base_revision = resolve_base(args.model, args.base_revision)
     torch.manual_seed(args.seed)  # LoRA A init: identical on every process
-    model = build_model(args, base_name, base_revision)
+    model = build_model(base_name, base_revision, args.lora_r, args.lora_alpha, args.lora_dropout,
+                        args.target_modules, args.train_decoder, args.gradient_checkpointing)
     processor, grid = sam_processor(model.config), mask_grid_size(model.config)
     trainable = sum(p.numel() for p in trainable_state(model).values())
     log(f"base {base_name}" + (f" @ {base_revision}" if base_revision else "")
         + f"; trainable parameters {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
 
-    def dataset(path, split):
-        source = open_source(path, split, args)
-        samples = scan(source, grid, args.strict_data, log)
-        return PromptedSegmentation(source, samples, processor, grid, args.prompt, args.num_points, args.box_jitter,
-                                    args.seed)
+    def dataset(spec, split):
+        source = open_source(spec, data_options(args, split))
+        images = scan(source, grid, args.strict_data, log)
+        return source, PromptedImages(source, images, processor, grid, args.prompt, args.num_points,
+                                      args.num_negative_points, args.box_jitter, args.seed, args.objects_per_image)
 
-    train_set = dataset(args.train_data, args.train_split)
-    val_set = dataset(args.val_data, args.val_split) if args.val_data else None
+    _, train_set = dataset(args.train_data, args.train_split)
+    val_source, val_set = dataset(args.val_data, args.val_split) if args.val_data else (None, None)
 
     optimizer = torch.optim.AdamW(trainable_state(model).values(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = transformers.get_scheduler(
@@ -705,30 +582,39 @@ def main(argv=None) -> PeftModel:
     state = TrainState()
     # What fixes the data order and the meaning of the weights: resuming with other values is refused.
     run = {
-        "model": base_name, "revision": base_revision, "train_data": str(Path(args.train_data).resolve()),
-        "num_samples": len(train_set), "num_processes": accelerator.num_processes, "seed": args.seed,
+        "model": base_name, "revision": base_revision, "train_data": args.train_data if hub_dataset(args.train_data)
+        else str(Path(args.train_data).resolve()), "num_images": len(train_set),
+        "num_processes": accelerator.num_processes, "seed": args.seed,
         **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
                                           "lora_dropout", "target_modules", "train_decoder", "prompt", "num_points",
-                                          "box_jitter", "loss", "iou_loss_weight", "lr", "weight_decay")},
+                                          "num_negative_points", "objects_per_image", "box_jitter", "loss",
+                                          "iou_loss_weight", "lr", "weight_decay")},
     }
     accelerator.register_for_checkpointing(scheduler, state)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
     metrics_path = output_dir / "metrics.jsonl"
     if args.resume:
-        checkpoint = find_checkpoint(output_dir, args.resume)
-        load_checkpoint(accelerator, model, checkpoint, run)
+        checkpoint = resume(accelerator, model, output_dir, args.resume, run, log)
         log(f"resumed from {checkpoint} at step {state.step}")
         if accelerator.is_main_process and metrics_path.exists():  # drop what the interrupted run logged later
             kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state.step]
             metrics_path.write_text("".join(l + "\n" for l in kept))
+    if args.trackers:
+        accelerator.init_trackers("finetune", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                      for k, v in run.items()})
     accumulation = args.gradient_accumulation_steps
     sampler = StreamBatchSampler(len(train_set), args.batch_size, accelerator.num_processes,
                                  accelerator.process_index, args.seed, start=state.step * accumulation)
-    log(f"{accelerator.num_processes} process(es) x batch {args.batch_size} x {accumulation} accumulation = "
-        f"{args.batch_size * accelerator.num_processes * accumulation} objects per step; "
-        f"{sampler.batches_per_epoch / accumulation:.1f} steps per epoch")
+    log(f"{accelerator.num_processes} process(es) x batch {args.batch_size} images x {accumulation} accumulation = "
+        f"{args.batch_size * accelerator.num_processes * accumulation} images per step, up to "
+        f"{args.objects_per_image} objects each; {sampler.batches_per_epoch / accumulation:.1f} steps per epoch")
     batches = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                                                num_workers=args.num_workers))
+    val_loader = None
+    if val_set is not None:
+        val_loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(
+            val_set, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers))
+    val_names = [ref.name for ref in val_set.images] if val_set is not None else []
 
     def record(entry):
         if accelerator.is_main_process:
@@ -736,11 +622,43 @@ def main(argv=None) -> PeftModel:
                 file.write(json.dumps(entry) + "\n")
 
     def validate():
-        # Unwrapped: DDP's forward would broadcast buffers, a collective that processes with unequal shares of the
-        # validation set would call unequally often.
-        result = evaluate(accelerator, accelerator.unwrap_model(model), val_set, args)
-        record({"step": state.step, **result})
-        log(f"step {state.step}: validation mean IoU {result['val_iou']:.4f}, loss {result['val_loss']:.4f}")
+        overlay_dir = output_dir / "overlays" / f"step-{state.step:08d}"
+
+        def draw(record, predicted, batch, position):
+            if record["index"] < args.overlay_images:
+                overlay_dir.mkdir(parents=True, exist_ok=True)
+                image = val_source.image(val_set.images[record["index"]].key)
+                overlay(image, batch["masks"][position], predicted).save(
+                    overlay_dir / f"{record['index']:04d}-{Path(record['name']).stem}.png")
+
+        # Unwrapped: DDP's forward would broadcast buffers, a collective the prepared loader's even batches would
+        # make safe, but that evaluation does not need.
+        records = evaluate(accelerator, accelerator.unwrap_model(model), val_loader, processor, val_names, args.loss,
+                           on_image=draw)
+        summary = summarize(records, val_source.class_names)
+        loss = float(np.mean([obj["loss"] for record in records for obj in record["objects"]]))
+        entry = {"step": state.step, "val_loss": loss,
+                 **{f"val_{k}": summary[k] for k in ("dice", "iou", "image_dice", "image_iou")},
+                 "val_classes": summary["classes"]}
+        record(entry)
+        log(f"step {state.step}: validation Dice {summary['dice']:.4f}, IoU {summary['iou']:.4f} "
+            f"({summary['objects']} objects, {summary['images']} images), loss {loss:.4f}")
+        accelerator.wait_for_everyone()
+        if args.trackers:
+            scalars = {k: v for k, v in entry.items() if k not in ("step", "val_classes")}
+            scalars.update({f"val_dice/{name}": c["dice"] for name, c in summary["classes"].items()})
+            accelerator.log(scalars, step=state.step)
+            pictures = sorted(overlay_dir.glob("*.png")) if overlay_dir.is_dir() else []
+            images = {f"overlays/{p.stem}": np.asarray(Image.open(p).convert("RGB"))[None] for p in pictures}
+            for tracker in accelerator.trackers if accelerator.is_main_process and images else []:
+                tracker.log_images(images, step=state.step, **({"dataformats": "NHWC"}
+                                                               if tracker.name == "tensorboard" else {}))
+        if args.metric_for_best:
+            value = loss if args.metric_for_best == "loss" else summary[args.metric_for_best]
+            if state.improves(value, lower_is_better=args.metric_for_best == "loss"):
+                if accelerator.is_main_process:  # the best adapter so far, in place of the final one
+                    save_adapter(accelerator.unwrap_model(model), output_dir, "")
+                log(f"step {state.step}: best {args.metric_for_best} so far ({value:.4f})")
 
     model.train()
     if val_set is not None and state.step == 0:
@@ -748,40 +666,58 @@ def main(argv=None) -> PeftModel:
     progress = tqdm(total=args.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="finetune", dynamic_ncols=True)
     started, first_step = time.perf_counter(), state.step
+    images_seen = objects_seen = 0
     while state.step < args.max_steps:
         step_loss = torch.zeros((), device=accelerator.device)
+        step_counts = torch.zeros(2, device=accelerator.device)  # images, objects
         for micro in range(accumulation):
-            batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             # Dropout masks as a function of (seed, step, micro-batch, process): identical after --resume.
             torch.manual_seed(int(np.random.SeedSequence(
                 [args.seed, state.step, micro, accelerator.process_index]).generate_state(1)[0]))
             sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    loss = batch_loss(model, batch, args) / accumulation
+                    losses, _ = object_losses(model, batch, args.loss, args.iou_loss_weight)
+                    loss = losses.mean() / accumulation  # mean over this micro-batch's objects
                 accelerator.backward(loss)
             step_loss += loss.detach()
+            step_counts += torch.tensor([len(batch["pixel_values"]), len(losses)], device=accelerator.device)
+        # Checked before stepping: a checkpoint never holds weights made from a non-finite loss or gradient.
+        step_loss = accelerator.reduce(step_loss, "mean").item()
+        gradients = [p.grad for p in trainable_state(model).values()]
+        if not math.isfinite(step_loss) or (accelerator.scaler is None and not all_finite(gradients)):
+            what = f"loss is {step_loss}" if not math.isfinite(step_loss) else "gradients are not finite"
+            raise SystemExit(f"error: {what} at step {state.step + 1}; the weights of step {state.step} are kept "
+                             "unchanged. Lower --lr or drop --mixed-precision")
         if args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        counts = accelerator.reduce(step_counts, "sum").tolist()
+        images_seen, objects_seen = images_seen + counts[0], objects_seen + counts[1]
 
-        step_loss = accelerator.reduce(step_loss, "mean").item()
-        if not math.isfinite(step_loss):
-            raise SystemExit(f"error: loss is {step_loss} at step {state.step}; lower --lr or drop --mixed-precision")
         record({"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+        if args.trackers:
+            accelerator.log({"loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=state.step)
         progress.set_postfix(loss=f"{step_loss:.4f}")
         progress.update()
         if val_set is not None and (state.step % args.eval_every == 0 or state.step == args.max_steps):
             validate()
-        if args.save_every and (state.step % args.save_every == 0 or state.step == args.max_steps):
-            save_checkpoint(accelerator, output_dir, state.step, args.keep_checkpoints, run)
+        stop = bool(args.early_stopping_patience and state.evals_since_best >= args.early_stopping_patience)
+        if args.save_every and (state.step % args.save_every == 0 or state.step == args.max_steps or stop):
+            save_checkpoint(accelerator, model, output_dir, state.step, args.keep_checkpoints, run)
+        if stop:
+            log(f"early stop at step {state.step}: no better {args.metric_for_best} in "
+                f"{args.early_stopping_patience} validations (best {state.best:.4f} at step {state.best_step})")
+            break
     progress.close()
     if state.step > first_step:
         elapsed = time.perf_counter() - started
-        log(f"{state.step - first_step} steps in {elapsed:.1f} s ({(state.step - first_step) / elapsed:.3f} steps/s)")
+        log(f"{state.step - first_step} steps in {elapsed:.1f} s: {(state.step - first_step) / elapsed:.3f} steps/s, "
+            f"{images_seen / elapsed:.2f} images/s, {objects_seen / elapsed:.2f} objects/s")
 
     digests = gather_object([weights_digest(model)])
     if len(set(digests)) != 1:
@@ -789,16 +725,44 @@ def main(argv=None) -> PeftModel:
     log(f"trainable weights sha256 per process: {digests}")
     unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # also drops the autocast wrapper
     if accelerator.is_main_process:
-        save_adapter(unwrapped, output_dir, model_card(base_name, base_revision, args))
+        if args.metric_for_best and state.best_step is not None:
+            set_peft_model_state_dict(unwrapped, load_file(output_dir / "adapter_model.safetensors"))
+            log(f"adapter: the best {args.metric_for_best} ({state.best:.4f}) at step {state.best_step}")
+        results = finish_reports(output_dir, metrics_path, state.best_step if args.metric_for_best else None, log)
+        hyperparameters = {k: v for k, v in run.items() if k not in ("model", "revision", "train_data")}
+        card = model_card(base_name, base_revision, args.push_to or output_dir.name,
+                          base_license(base_name, base_revision), [hub_dataset(args.train_data),
+                                                                   hub_dataset(args.val_data)],
+                          args.val_data, results, {"steps": state.step, **hyperparameters})
+        save_adapter(unwrapped, output_dir, card)
         print(f"adapter saved to {output_dir}")
-        if args.push_to:
-            push_adapter(output_dir, args.push_to, state.step)
-        if args.merge_to_sam:
-            sample = {k: v.to(accelerator.device) for k, v in collate([train_set[(-1, 0)]]).items()}
-            merge_to_sam(unwrapped, processor, sample, Path(args.merge_to_sam))
+        publish(unwrapped, output_dir, args.push_to, args.merge_to_sam, f"LoRA adapter after {state.step} steps")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return unwrapped
+
+
+def finish_reports(output_dir: Path, metrics_path: Path, best_step: int | None, log) -> dict | None:
+    """Training curves PNG; with validation, `eval_results.json` and a printed table of the base model's scores
+    (step 0) next to the fine-tuned ones (the best step with --metric-for-best, else the last). Returns the latter."""
+    entries = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    if entries:
+        plot_curves(metrics_path, output_dir / "curves.png")
+    evaluations = {e["step"]: e for e in entries if "val_dice" in e}
+    if not evaluations:
+        return None
+
+    def scores(entry):
+        return {"dice": entry["val_dice"], "iou": entry["val_iou"], "image_dice": entry["val_image_dice"],
+                "image_iou": entry["val_image_iou"], "loss": entry["val_loss"], "classes": entry["val_classes"],
+                "objects": sum(c["objects"] for c in entry["val_classes"].values())}
+
+    tuned_step = best_step if best_step is not None else max(evaluations)
+    base, tuned = scores(evaluations[min(evaluations)]), scores(evaluations[tuned_step])
+    (output_dir / "eval_results.json").write_text(json.dumps(
+        {"base": {"step": min(evaluations), **base}, "fine_tuned": {"step": tuned_step, **tuned}}, indent=1))
+    log(side_by_side(base, tuned, tuned_step))
+    return tuned
 
 
 if __name__ == "__main__":

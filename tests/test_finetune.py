@@ -1,5 +1,7 @@
-"""finetune.py on a tiny SAM (64x64 images) and synthetic shapes: it learns, trains only what it should, resumes
-exactly, survives bad data, runs as 2 DDP processes, and publishes an adapter that reloads pinned to revisions."""
+"""finetune.py and evaluate.py on a tiny SAM (64x64 images) and synthetic shapes: it learns, trains only what it should,
+resumes exactly (also past a corrupt checkpoint), survives bad data and bad settings, stops before a non-finite step,
+keeps the best adapter, reports to TensorBoard and PNGs, runs as 2 DDP processes, and publishes an adapter that
+reloads pinned to revisions, with `AutoPeftModel` too, and can be published again after a failed push."""
 
 import json
 import os
@@ -19,7 +21,8 @@ from safetensors.torch import load_file
 from transformers import SamModel
 
 from hub_server import HubServer
-from sam_split import SamSplitModel, finetune
+from sam_split import SamSplitModel, evaluate, evaluation, finetune
+from sam_split.data import DataOptions, open_source, scan
 from sam_testing import hub_env, max_abs_diff, random_stock_sam, run_python, sample_inputs, tiny_sam_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +126,8 @@ def decoder_run(data):
     AcceleratorState._reset_state(reset_partial_state=True)
     out = data["root"] / "decoder-run"
     model = run(data, out, "--val-data", data["val"], "--train-decoder", "--lr", "1e-2", "--max-steps", 40,
-                "--eval-every", 20, "--merge-to-sam", data["root"] / "merged")
+                "--eval-every", 20, "--merge-to-sam", data["root"] / "merged", "--report-to", "tensorboard",
+                "--overlay-images", 2)
     return model, out
 
 
@@ -216,6 +220,161 @@ def test_resume_continues_the_same_run(data, tmp_path):
         run(data, tmp_path / "resumed", *args, "--resume", "--lora-r", 4, "--max-steps", 9)
 
 
+def test_reports_to_tensorboard_and_draws_overlays_and_curves(decoder_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = decoder_run
+    [event_file] = (out / "runs" / "finetune").glob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "val_dice", "val_iou", "val_loss", "val_dice/object"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("val_dice")] == [0, 20, 40]
+    assert len(events.Scalars("loss")) == 40
+    val_dice = {e["step"]: e["val_dice"] for e in metrics(out) if "val_dice" in e}
+    assert events.Scalars("val_dice")[-1].value == pytest.approx(val_dice[40], abs=1e-6)
+    assert sorted(tags["images"]) == ["overlays/0000-img00", "overlays/0001-img01"]
+    image = events.Images("overlays/0000-img00")[-1]
+    assert image.step == 40 and (image.width, image.height) == (2 * 64 + 4, 64 + 14)
+    for step in (0, 20, 40):  # the same fixed images at each validation
+        pictures = sorted(p.name for p in (out / "overlays" / f"step-{step:08d}").iterdir())
+        assert pictures == ["0000-img00.png", "0001-img01.png"]
+    with Image.open(out / "curves.png") as curves:
+        assert curves.size[0] > 500 and curves.size[1] > 200
+
+
+def test_base_and_fine_tuned_scores_side_by_side(decoder_run):
+    _, out = decoder_run
+    results = json.loads((out / "eval_results.json").read_text())
+    val = {e["step"]: e for e in metrics(out) if "val_dice" in e}
+    assert results["base"]["step"] == 0 and results["fine_tuned"]["step"] == 40
+    for key, step in (("base", 0), ("fine_tuned", 40)):
+        assert results[key]["dice"] == val[step]["val_dice"] and results[key]["iou"] == val[step]["val_iou"]
+        assert results[key]["classes"]["object"]["objects"] == 4
+    assert results["fine_tuned"]["dice"] > results["base"]["dice"] + 0.2
+    assert 0 <= results["fine_tuned"]["iou"] <= results["fine_tuned"]["dice"] <= 1  # IoU <= Dice, always
+
+
+def test_evaluate_py_scores_the_base_and_the_adapter_as_validation_did(data, decoder_run, tmp_path):
+    _, out = decoder_run
+    val = {e["step"]: e for e in metrics(out) if "val_dice" in e}
+    common = ["--data", str(data["val"]), "--num-workers", "0", "--overlay-images", "1"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    base = evaluate.main(["--model", str(data["base"]), "--output-dir", str(tmp_path / "base"), *common])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    tuned = evaluate.main(["--model", str(data["base"]), "--adapter", str(out), "--output-dir",
+                           str(tmp_path / "tuned"), *common])
+    assert base["dice"] == pytest.approx(val[0]["val_dice"], abs=1e-6)
+    assert tuned["dice"] == pytest.approx(val[40]["val_dice"], abs=1e-6)
+    assert tuned["iou"] == pytest.approx(val[40]["val_iou"], abs=1e-6)
+    written = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert written["classes"]["object"]["dice"] == pytest.approx(tuned["dice"]) and written["objects"] == 4
+    assert [obj["class"] for image in written["per_image"] for obj in image["objects"]] == ["object"] * 4
+    masks = sorted((tmp_path / "tuned" / "masks").rglob("*.png"))
+    assert len(masks) == 4 and Image.open(masks[0]).size == (64, 64)
+    assert [p.name for p in (tmp_path / "tuned" / "overlays").iterdir()] == ["img00.png"]
+    # A mask written to disk is the one scored: its Dice against the ground truth matches metrics.json.
+    truth = np.asarray(Image.open(data["val"] / "masks" / "img00_0.png")) > 0
+    predicted = np.asarray(Image.open(tmp_path / "tuned" / "masks" / "img00" / "000-img00_0.png")) > 0
+    assert evaluation.dice_iou(predicted, truth)[0] == pytest.approx(written["per_image"][0]["objects"][0]["dice"])
+    assert not (tmp_path / "tuned.partial").exists()
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", str(data["base"]), "--output-dir", str(tmp_path / "tuned"), *common])
+
+
+def test_best_checkpoint_is_the_saved_adapter_and_early_stop(data, tmp_path, monkeypatch, capsys):
+    """Validation scores forced to peak at step 2: the adapter is step 2's, and patience 1 stops at step 4."""
+    dice_by_step = iter([0.1, 0.9, 0.5, 0.95])
+    real = finetune.summarize
+
+    def fixed_scores(records, class_names):
+        return {**real(records, class_names), "dice": next(dice_by_step)}
+
+    monkeypatch.setattr(finetune, "summarize", fixed_scores)
+    out = tmp_path / "out"
+    run(data, out, "--val-data", data["val"], "--eval-every", 2, "--max-steps", 8, "--lr", "1e-2", "--save-every", 2,
+        "--keep-checkpoints", 0, "--metric-for-best", "dice", "--early-stopping-patience", 1)
+    assert "early stop at step 4" in capsys.readouterr().out
+    assert max(e["step"] for e in metrics(out)) == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    adapter = load_file(out / "adapter_model.safetensors")
+    at_step = {step: load_file(out / "checkpoints" / f"step-{step:08d}" / "model.safetensors") for step in (2, 4)}
+    for step, expected_equal in ((2, True), (4, False)):
+        same = all(torch.equal(tensor, at_step[step][name.replace(".weight", ".default.weight")])
+                   for name, tensor in adapter.items())
+        assert same is expected_equal, step
+    assert json.loads((out / "eval_results.json").read_text())["fine_tuned"]["step"] == 2
+
+
+@pytest.mark.parametrize("case", ["file", "read-only", "lr", "nan-lr", "wandb"])
+def test_bad_output_dir_or_lr_is_refused_before_anything_loads(tmp_path, capsys, case):
+    output = tmp_path / "out"
+    extra = []
+    if case == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb"):
+            pytest.skip("wandb is installed")
+        extra = ["--report-to", "wandb"]
+    elif case == "file":
+        output.write_text("not a folder")
+    elif case == "read-only":
+        output = Path("/sys/sam-split-test-output")  # a read-only file system, even for root
+    elif case in ("lr", "nan-lr"):
+        extra = ["--lr", "1e39" if case == "lr" else "nan"]
+    with pytest.raises(SystemExit) as raised:
+        finetune.parse_args(["--model", "no/such-model", "--train-data", "nowhere", "--output-dir", str(output),
+                             "--max-steps", "1", *extra])
+    assert raised.value.code == 2
+    expected = {"file": "is a file, expected a folder", "read-only": "is not writable",
+                "lr": "out of range: expected 0 < lr <= 1", "nan-lr": "out of range",
+                "wandb": "--report-to wandb needs the `wandb` package"}[case]
+    assert expected in capsys.readouterr().err
+
+
+def test_non_finite_gradients_stop_before_the_step_and_no_checkpoint_holds_them(data, tmp_path, monkeypatch):
+    """A step whose loss is finite but whose gradients are NaN (sqrt at 0): nothing of it may reach a checkpoint."""
+    real, calls = evaluation.segmentation_loss, []
+
+    def poisoned(logits, target, pixel_loss):
+        calls.append(1)
+        loss = real(logits, target, pixel_loss)
+        return loss + torch.sqrt(logits.sum() * 0) if len(calls) == 2 else loss
+
+    monkeypatch.setattr(evaluation, "segmentation_loss", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="gradients are not finite at step 2; the weights of step 1 are kept"):
+        run(data, out, "--max-steps", 3, "--save-every", 1, "--keep-checkpoints", 0, "--lr", "1e-2")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
+    saved = load_file(out / "checkpoints" / "step-00000001" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in saved.values())
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(data, tmp_path, capsys):
+    args = ["--max-steps", 2, "--save-every", 1, "--keep-checkpoints", 0, "--lr", "1e-2"]
+    run(data, tmp_path / "whole", *args[:1], 3, *args[2:])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path / "out"
+    run(data, out, *args)
+    newest = out / "checkpoints" / "step-00000002"
+    (newest / "model.safetensors").write_bytes(b"truncated by a full disk")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()
+    run(data, out, "--max-steps", 3, *args[2:], "--resume")
+    printed = capsys.readouterr().out
+    assert f"checkpoint {newest} is unreadable" in printed and "falling back to" in printed
+    assert "resumed from " + str(out / "checkpoints" / "step-00000001") in printed
+    whole, resumed = (load_file(p / "adapter_model.safetensors") for p in (tmp_path / "whole", out))
+    assert max(max_abs_diff(whole[name], resumed[name]) for name in whole) <= 1e-6
+
+    # Only corrupt checkpoints: refused with the path, no traceback.
+    for step in (1, 2, 3):
+        (out / "checkpoints" / f"step-{step:08d}" / "run.json").write_text("{")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(SystemExit, match=f"checkpoint {out / 'checkpoints' / 'step-00000001'} is unreadable"):
+        run(data, out, "--max-steps", 4, *args[2:], "--resume")
+
+
 def write_bad_data(root: Path) -> Path:
     """3 good images plus one of each problem `scan` must count."""
     write_shapes(root, 3, seed=2)
@@ -238,7 +397,7 @@ def test_bad_samples_are_counted_and_skipped(data, tmp_path, capsys):
     finetune.main(["--model", str(data["base"]), "--train-data", str(bad), "--output-dir", str(tmp_path / "out"),
                    "--max-steps", "1", *FAST])
     printed = capsys.readouterr().out
-    assert "skipped 7 (" in printed and f"{bad} (folder: 7 images): 3 objects" in printed
+    assert "skipped 7 (" in printed and f"{bad} (folder: 7 images): 3 images, 3 objects" in printed
     for reason in ("image without masks", "empty mask", "mask is 32x32, image is 64x64", "unreadable image",
                    "mask is not binary", "unreadable mask", "mask without an image"):
         assert reason in printed, reason
@@ -284,27 +443,26 @@ def test_saved_dataset_gives_the_same_samples_as_the_folder(data, tmp_path):
     datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "saved"))
 
     config = SamSplitModel.from_pretrained(data["base"]).config
-    processor, grid = finetune.sam_processor(config), finetune.mask_grid_size(config)
-    args = finetune.parse_args(["--model", "m", "--train-data", "x", "--output-dir", str(tmp_path / "o"),
-                                "--max-steps", "1"])
+    processor, grid = finetune.sam_processor(config), evaluation.mask_grid_size(config)
 
     def prompted(path):
-        source = finetune.open_source(str(path), "train", args)
-        samples = finetune.scan(source, grid, strict=True, log=print)
-        return finetune.PromptedSegmentation(source, samples, processor, grid, "box+point", 2, 0.1, seed=0)
+        source = open_source(str(path), DataOptions(split="train"))
+        images = scan(source, grid, strict=True, log=print)
+        return evaluation.PromptedImages(source, images, processor, grid, "box+point", 2, 1, 0.1, seed=0)
 
     from_folder, from_dataset = prompted(data["train"]), prompted(tmp_path / "saved")
     assert len(from_folder) == len(from_dataset) == 12
-    for key in [(-1, 0), (3, 5), (0, 11)]:
+    for key in [0, (3, 5), (0, 11)]:
         expected, got = from_folder[key], from_dataset[key]
         assert expected.keys() == got.keys() and expected["labels"].sum() > 0
         for name in expected:
-            assert torch.equal(expected[name], got[name]), (key, name)
+            if torch.is_tensor(expected[name]):
+                assert torch.equal(expected[name], got[name]), (key, name)
     run(data, tmp_path / "out", "--max-steps", 1, "--val-data", tmp_path / "saved", "--val-split", "train")
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def test_two_ddp_processes_end_with_identical_weights(data, tmp_path):
+def test_two_ddp_processes_end_with_identical_weights(data, decoder_run, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
                "--cpu", "--model", str(data["base"]), "--train-data", str(data["train"]), "--val-data",
@@ -317,50 +475,88 @@ def test_two_ddp_processes_end_with_identical_weights(data, tmp_path):
     assert len(digests) == 2 and digests[0] == digests[1]
     assert "2 process(es) x batch 4" in result.stdout
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] == ["mask_decoder"]
+    # gather_for_metrics: the 4 validation images once each, though the second process got only padding to score.
+    validations = [e for e in metrics(tmp_path / "out") if "val_dice" in e]
+    assert [e["val_classes"]["object"]["objects"] for e in validations] == [4, 4]
+    single_process = next(e for e in metrics(decoder_run[1]) if e["step"] == 0)  # the same base model at step 0
+    for name in ("val_dice", "val_iou", "val_loss"):
+        assert validations[0][name] == pytest.approx(single_process[name], abs=1e-5), name
 
 
-def test_push_to_hub_and_reload_pinned(data, tmp_path):
+def isolated_python(code: str, env: dict, cwd: Path) -> str:
+    """Run `code` as a user who has only the Hub and the libraries: `-S` skips site-packages' .pth files (so the
+    editable install of this package is not importable), PYTHONPATH gives the plain site-packages back."""
+    import sysconfig
+
+    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    result = subprocess.run([sys.executable, "-S", "-c", code], env={**env, "PYTHONPATH": os.pathsep.join(paths)},
+                            cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_push_to_hub_card_autopeft_and_publish_again(data, tmp_path):
     token = "finetune-secret"
     with HubServer(tmp_path / "hub", token=token) as hub:
         env = hub_env(hub.url, tmp_path / "hf", token=token)
         outputs = tmp_path / "trained.pt"
         train = f"""
-import sys, torch
-from huggingface_hub import HfApi
+import os, shutil, sys, torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from sam_split import finetune
 from sam_testing import sample_inputs
 api = HfApi()
 api.create_repo("tester/sam-base")
-base_sha = api.upload_folder(repo_id="tester/sam-base", folder_path={str(data["base"])!r}).oid
-model = finetune.main(["--model", "tester/sam-base", "--revision", base_sha, "--train-data", {str(data["train"])!r},
-                       "--output-dir", {str(tmp_path / "out")!r}, "--max-steps", "2", "--train-decoder",
-                       "--lr", "1e-2", "--push-to", "tester/sam-adapter", *{FAST!r}])
+shutil.copytree({str(data["base"])!r}, {str(tmp_path / "base-repo")!r})
+card = ModelCard(f"---\\n{{ModelCardData(license='mit', library_name='transformers').to_yaml()}}\\n---\\n# base\\n")
+card.save({str(tmp_path / "base-repo" / "README.md")!r})
+base_sha = api.upload_folder(repo_id="tester/sam-base", folder_path={str(tmp_path / "base-repo")!r}).oid
+os.environ["HF_TOKEN"] = "a-refused-token"  # the push at the end fails; the trained adapter must survive it
+try:
+    finetune.main(["--model", "tester/sam-base", "--base-revision", base_sha, "--train-data", {str(data["train"])!r},
+                   "--val-data", {str(data["val"])!r}, "--eval-every", "2", "--output-dir", {str(tmp_path / "out")!r},
+                   "--max-steps", "2", "--train-decoder", "--lr", "1e-2", "--push-to", "tester/sam-adapter",
+                   *{FAST!r}])
+except SystemExit as error:
+    print("PUSH FAILED", error)
+os.environ["HF_TOKEN"] = {token!r}
+model = finetune.main(["--output-dir", {str(tmp_path / "out")!r}, "--publish-only", "--push-to", "tester/sam-adapter"])
 with torch.no_grad():
     logits = model.eval()(**sample_inputs(model.config), multimask_output=False).pred_masks
 torch.save(logits, {str(outputs)!r})
 print("BASE", base_sha)
 """
         printed = run_python(train, env, replace_env=True)
+        assert "PUSH FAILED error: pushing to tester/sam-adapter failed" in printed
+        assert f"--output-dir {tmp_path / 'out'} --publish-only --push-to tester/sam-adapter" in printed
         base_sha = re.search(r"BASE ([0-9a-f]+)", printed).group(1)
         adapter_sha = re.search(r"pushed adapter to tester/sam-adapter at revision (\S+)", printed).group(1)
         assert re.fullmatch(r"[0-9a-f]{40}", adapter_sha) and adapter_sha != base_sha
 
+        # A user with the Hub and the libraries only: no sam_split importable, a fresh cache, pinned revisions.
         load = f"""
-import json, sys, torch
-from huggingface_hub import hf_hub_download
-from peft import PeftModel
-from transformers import AutoModel
+import importlib.util, json, sys, torch
+assert importlib.util.find_spec("sam_split") is None, "the package must not be importable here"
+from huggingface_hub import ModelCard, hf_hub_download
+from peft import AutoPeftModel
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from sam_testing import sample_inputs
 config = json.load(open(hf_hub_download("tester/sam-adapter", "adapter_config.json", revision="{adapter_sha}")))
 assert config["base_model_name_or_path"] == "tester/sam-base" and config["revision"] == "{base_sha}", config
-base = AutoModel.from_pretrained("tester/sam-base", trust_remote_code=True, revision="{base_sha}")
-model = PeftModel.from_pretrained(base, "tester/sam-adapter", revision="{adapter_sha}").eval()
+card = hf_hub_download("tester/sam-adapter", "README.md", revision="{adapter_sha}")
+print("CARD", json.dumps(ModelCard.load(card).data.to_dict()))
+model = AutoPeftModel.from_pretrained("tester/sam-adapter", revision="{adapter_sha}", trust_remote_code=True).eval()
 with torch.no_grad():
     logits = model(**sample_inputs(model.config), multimask_output=False).pred_masks
+print("CLASS", type(model.base_model.model).__name__)
 print("DIFF", (logits - torch.load({str(outputs)!r})).abs().max().item())
 """
-        # A fresh cache: everything comes from the server at the pinned revisions.
-        printed = run_python(load, {**env, "HF_HOME": str(tmp_path / "hf-fresh")}, replace_env=True)
+        printed = isolated_python(load, {**env, "HF_HOME": str(tmp_path / "hf-fresh")}, cwd=tmp_path)
     assert float(re.search(r"DIFF (\S+)", printed).group(1)) < 1e-5
+    assert "CLASS SamSplitModel" in printed
+    card = json.loads(re.search(r"CARD (.*)", printed).group(1))
+    assert card["base_model"] == "tester/sam-base" and card["license"] == "mit" and card["library_name"] == "peft"
+    [result] = card["model-index"][0]["results"]
+    assert result["dataset"]["name"] == "val" and [m["type"] for m in result["metrics"]] == ["dice", "iou"]
+    assert 0 <= result["metrics"][0]["value"] <= 1
