@@ -152,6 +152,26 @@ def connected_components(mask: np.ndarray) -> tuple:
     return labels, len(first_run)
 
 
+def rle_string_counts(text) -> list:
+    """The run lengths of a COCO compressed RLE string (as pycocotools' `rleFrString` reads them): 5 bits per
+    character with a continuation bit, and from the fourth run on a difference to the run two before."""
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    counts, position = [], 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(text):
+                raise BadSample("bad RLE: the string ends inside a count")
+            char = ord(text[position]) - 48
+            value |= (char & 0x1F) << (5 * shift)
+            more = bool(char & 0x20)
+            position, shift = position + 1, shift + 1
+            if not more and char & 0x10:  # sign bit of the last chunk
+                value |= -1 << (5 * shift)
+        counts.append(value + counts[-2] if len(counts) > 2 else value)
+    return counts
+
+
 def read_class_names(path: Path) -> tuple:
     """Class names for ids 1..N, one per line; a first line `background` / `_background_` names id 0 and is dropped."""
     try:
@@ -408,15 +428,12 @@ class CocoSource:
                 raise BadSample(f"RLE size {segmentation['size']} is not the image's [height, width] "
                                 f"{[height, width]}")
             counts = segmentation["counts"]
-            if isinstance(counts, list) and sum(counts) != height * width:
-                raise BadSample(f"bad RLE: its counts cover {sum(counts)} pixels, the image has {height * width}")
-            try:
-                rle = coco_mask.frPyObjects(segmentation, height, width) if isinstance(counts, list) else \
-                    {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
-                decoded = coco_mask.decode(rle)
-            except (TypeError, ValueError) as error:
-                raise BadSample(f"bad RLE ({error})")
-            return decoded.astype(bool)
+            # pycocotools decodes run lengths that do not cover the image exactly into garbage, without a word.
+            lengths = counts if isinstance(counts, list) else rle_string_counts(counts)
+            if sum(lengths) != height * width or min(lengths, default=0) < 0:
+                raise BadSample(f"bad RLE: its counts cover {sum(lengths)} pixels, the image has {height * width}")
+            rle = coco_mask.frPyObjects(segmentation, height, width) if isinstance(counts, list) else \
+                {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
         else:
             raise BadSample("segmentation is neither polygons nor an RLE")
         return coco_mask.decode(rle).astype(bool)
@@ -430,29 +447,30 @@ class DatasetSource:
         import datasets
 
         if isinstance(dataset, datasets.DatasetDict):
-            if options.split not in dataset and len(dataset) != 1:
+            split = options.split if options.split in dataset else next(iter(dataset))
+            if split != options.split and len(dataset) != 1:
                 raise SystemExit(f"error: {where} has splits {sorted(dataset)}, no {options.split!r} "
                                  "(see --train-split/--val-split)")
-            where = f"{where}[{options.split if options.split in dataset else next(iter(dataset))}]"
-            dataset = dataset[options.split] if options.split in dataset else next(iter(dataset.values()))
-        self.where = where
-        target_column = options.label_column or options.mask_column
-        wanted = [options.image_column, target_column] + ([options.class_column] if options.class_column else [])
+            where, dataset = f"{where}[{split}]", dataset[split]
+        if options.label_column and options.class_column:
+            raise SystemExit("error: --class-column names the classes of --mask-column's masks; a --label-column "
+                             "holds its classes itself")
+        self.where, self.image_column, self.class_column = where, options.image_column, options.class_column
+        self.target_column = options.label_column or options.mask_column
+        wanted = [self.image_column, self.target_column] + ([self.class_column] if self.class_column else [])
         missing = [c for c in wanted if c not in dataset.column_names]
         if missing:
             raise SystemExit(f"error: {where} has no column {missing} (columns: {dataset.column_names}; see "
                              "--image-column/--mask-column/--label-column/--class-column)")
-        self.image_column, self.target_column, self.class_column = options.image_column, target_column, \
-            options.class_column
         # One-column views, so that reading a mask does not decode the image of its row and vice versa.
-        self.image_rows, self.target_rows = dataset.select_columns([self.image_column]), \
-            dataset.select_columns([target_column])
+        self.image_rows = dataset.select_columns([self.image_column])
+        self.target_rows = dataset.select_columns([self.target_column])
         self.maps = None
         if options.label_column:
             self.maps = LabelMaps(options.class_names, options.label_mode, options.ignore_index, where)
             self.class_names = self.maps.class_names
-        elif options.class_column:
-            self.class_rows = dataset.select_columns([options.class_column])
+        elif self.class_column:
+            self.class_rows = dataset.select_columns([self.class_column])
             self.class_names = self._class_names(options.class_names)
         else:
             self.class_names = ["object"]
@@ -524,19 +542,22 @@ class DatasetSource:
         return binary_mask(self._masks(row)[index])
 
 
-def _load_dataset(spec: str, local: bool, options: DataOptions):
+def _dataset_source(spec: str, kind: str, options: DataOptions) -> "DatasetSource":
+    """`kind`: "saved" (`save_to_disk`), "files" (a local folder `load_dataset` reads) or "hub" (a dataset id)."""
     try:
         import datasets
     except ImportError:
         raise SystemExit(f"error: {spec} needs the `datasets` package: {INSTALL_HINT}")
     try:
-        if local and (Path(spec, "dataset_dict.json").exists() or Path(spec, "dataset_info.json").exists()):
-            return datasets.load_from_disk(spec)
-        return datasets.load_dataset(spec, revision=None if local else options.revision)
+        if kind == "saved":
+            loaded = datasets.load_from_disk(spec)
+        else:
+            loaded = datasets.load_dataset(spec, revision=options.revision if kind == "hub" else None)
     except Exception as error:  # the Hub, the network and the files raise many kinds; the message is what counts
-        where = f"cannot load the dataset {spec}" if local else f"{spec} is not a local path and cannot be loaded " \
-            "as a Hub dataset"
+        where = f"{spec} is not a local path and cannot be loaded as a Hub dataset" if kind == "hub" else \
+            f"cannot load the dataset {spec}"
         raise SystemExit(f"error: {where} ({type(error).__name__}: {error})")
+    return DatasetSource(loaded, spec, options)
 
 
 def open_source(spec: str, options: DataOptions):
@@ -550,9 +571,8 @@ def open_source(spec: str, options: DataOptions):
             return CocoSource(path, options)
         raise SystemExit(f"error: {spec} is a file but not a COCO .json ({expected})")
     if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists() or \
-                next(path.rglob("*.parquet"), None) is not None:
-            return DatasetSource(_load_dataset(spec, True, options), spec, options)
+        if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+            return _dataset_source(spec, "saved", options)
         has = {name: (path / name).is_dir() for name in ("images", "masks", "labels")}
         if has["images"] and has["masks"] and has["labels"]:
             raise SystemExit(f"error: {spec} has both masks/ and labels/: keep the one to train on")
@@ -560,10 +580,12 @@ def open_source(spec: str, options: DataOptions):
             return FolderSource(path)
         if has["images"] and has["labels"]:
             return LabelMapFolderSource(path, options)
+        if next(path.rglob("*.parquet"), None) is not None:  # last: it walks the whole folder
+            return _dataset_source(spec, "files", options)
         raise SystemExit(f"error: {spec} is neither a `datasets` folder nor has masks/ or labels/ beside images/ "
                          f"({expected})")
     if HUB_ID.fullmatch(spec):
-        return DatasetSource(_load_dataset(spec, False, options), spec, options)
+        return _dataset_source(spec, "hub", options)
     raise SystemExit(f"error: data {spec} does not exist ({expected})")
 
 

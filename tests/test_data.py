@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sam_split.data import (
-    DataOptions, add_data_arguments, connected_components, data_options, open_source, scan,
+    DataOptions, add_data_arguments, connected_components, data_options, open_source, rle_string_counts, scan,
 )
 from sam_testing import hub_env, run_python
 
@@ -312,6 +312,10 @@ def write_coco(root: Path) -> Path:
              "segmentation": {"size": [24, 32], "counts": compressed["counts"].decode()}},
             {"id": 22, "image_id": 2, "category_id": 7, "iscrowd": 0,
              "segmentation": {"size": [24, 32], "counts": [5, 3]}},
+            {"id": 23, "image_id": 2, "category_id": 7, "iscrowd": 0,
+             "segmentation": {"size": [24, 32], "counts": "zzzz"}},
+            {"id": 24, "image_id": 2, "category_id": 7, "iscrowd": 0,
+             "segmentation": {"size": [32, 24], "counts": compressed["counts"].decode()}},
             {"id": 40, "image_id": 4, "category_id": 7, "iscrowd": 0, "segmentation": [[0, 0, 5, 0, 5, 5]]},
             {"id": 50, "image_id": 5, "category_id": 7, "iscrowd": 0, "segmentation": [[1, 1, 5, 5]]},
             {"id": 60, "image_id": 99, "category_id": 7, "iscrowd": 0, "segmentation": [[0, 0, 5, 0, 5, 5]]},
@@ -322,6 +326,15 @@ def write_coco(root: Path) -> Path:
     path = root / "annotations" / "instances.json"
     path.write_text(json.dumps(coco))
     return path
+
+
+def test_rle_string_counts_read_what_pycocotools_writes():
+    from pycocotools import mask as coco_mask
+
+    for seed in range(3):
+        mask = np.random.default_rng(seed).random((37, 29)) < 0.3 + 0.2 * seed
+        encoded = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert rle_string_counts(encoded["counts"]) == uncompressed_rle(mask)
 
 
 def test_coco_polygons_rle_crowd_and_bad_annotations(tmp_path):
@@ -346,11 +359,13 @@ def test_coco_polygons_rle_crowd_and_bad_annotations(tmp_path):
         "ann 60": "image id 99 is not in `images`",
         "ann 70": "category id 4 is not in `categories`",
         "sub/rle.png ann 22": "bad RLE: its counts cover 8 pixels, the image has 768",
+        "sub/rle.png ann 23": "bad RLE: its counts cover 50 pixels, the image has 768",
+        "sub/rle.png ann 24": "RLE size [32, 24] is not the image's [height, width] [24, 32]",
         "gone.png": f"missing image file {tmp_path / 'pics' / 'gone.png'} (see --image-root)",
         "badpoly.png ann 50": "bad polygon (expected lists of at least 3 x, y pairs)",
     }
     assert "2 images, 4 objects (cat 2, dog 2)" in log
-    with pytest.raises(SystemExit, match="5 bad samples"):
+    with pytest.raises(SystemExit, match="7 bad samples"):
         scanned(path, DataOptions(image_root=str(tmp_path / "pics")), strict=True)
     # Without --image-root the images are looked for beside the JSON.
     with pytest.raises(SystemExit, match="no usable"):
@@ -409,6 +424,25 @@ def test_parquet_folder_loads_like_a_hub_dataset(tmp_path):
     (tmp_path / "pq" / "data").mkdir(parents=True)
     dataset.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
     check_dataset(*scanned(tmp_path / "pq", DATASET_OPTIONS), masks)
+
+
+def test_dataset_class_column_of_strings_or_integers(tmp_path):
+    import datasets
+
+    masks = [rect(16, 16, 2, 2, 5, 5), rect(16, 16, 8, 8, 12, 12)]
+    rows = {"image": [noise(16, 16)] * 3, "mask": [masks, masks[:1], masks],
+            "kind": [["stem", "leaf"], ["leaf"], ["leaf"]], "number": [[1, 0], [0], [1]]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    source, images, log = scanned(tmp_path / "saved", DataOptions(class_column="kind"))
+    assert source.class_names == ["leaf", "stem"]  # the column's distinct strings, sorted
+    assert [(obj.name, obj.class_id) for image in images for obj in image.objects] == [
+        ("row-0 mask 0", 1), ("row-0 mask 1", 0), ("row-1 mask 0", 0)]
+    assert skipped(log) == {"row-2": "2 masks but 1 classes in column 'kind'"}
+
+    source, images, _ = scanned(tmp_path / "saved", DataOptions(class_column="number", class_names=("a", "b")))
+    assert [source.class_names[obj.class_id] for image in images for obj in image.objects] == ["b", "a", "a"]
+    with pytest.raises(SystemExit, match="integers without names"):
+        open_source(str(tmp_path / "saved"), DataOptions(class_column="number"))
 
 
 def test_dataset_label_column_and_bad_rows(tmp_path):
