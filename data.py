@@ -6,6 +6,9 @@
     classes or instance ids (`LabelMapFolderSource`);
   - a COCO instances `.json`, polygons and RLE (`CocoSource`);
   - a `datasets` dataset: a `save_to_disk` folder, a folder of parquet files or a Hub dataset id (`DatasetSource`).
+A source has `class_names`, `describe()`, `items()` ((image key, image name) per image), `objects(image key)`
+((mask key, object name, class id) per object; BadSample skips the image, [] leaves it unused), `image(key)` (PIL RGB),
+`mask(key)` (bool array) and `skipped_up_front()` ((name, reason) found while listing files).
 `scan(source, ...)` then reads every image and mask once, counts, names and skips the bad samples and returns the usable
 images with their objects (`ImageRef`, `ObjectRef`), so no bad sample can stop a run half-way.
 
@@ -23,7 +26,6 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-# Lossless formats only: a JPEG mask is not binary any more.
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 BACKGROUND_NAMES = ("background", "_background_")  # a first line naming class 0 in a class-name file
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -203,6 +205,19 @@ def _image_files(folder: Path) -> tuple:
     return images, clashes
 
 
+def _annotation_files(folder: Path, what: str, bad: list) -> list:
+    """The mask or label-map files in `folder`; other files are added to `bad` (a JPEG mask is not binary any more)."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.suffix.lower() in MASK_SUFFIXES:
+            files.append(path)
+        else:
+            bad.append((path.name, f"not a {what} file (expected {', '.join(MASK_SUFFIXES)})"))
+    return files
+
+
 def _open_image(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return to_rgb(image)
@@ -216,12 +231,7 @@ class FolderSource:
         self.root, self.class_names = root, ["object"]
         self.images, self.bad = _image_files(root / "images")
         self.masks = {stem: [] for stem in self.images}
-        for path in sorted((root / "masks").iterdir()):
-            if path.name.startswith("."):
-                continue
-            if path.suffix.lower() not in MASK_SUFFIXES:
-                self.bad.append((path.name, f"not a mask file (expected {', '.join(MASK_SUFFIXES)})"))
-                continue
+        for path in _annotation_files(root / "masks", "mask", self.bad):
             owner = next((path.stem[:k] for k in range(len(path.stem), 0, -1) if path.stem[:k] in self.images), None)
             if owner is None:
                 self.bad.append((path.name, "mask without an image"))
@@ -272,7 +282,8 @@ class LabelMaps:
                              f"not {len(class_names)}")
         self.class_names = list(class_names or ["object"])
         self.mode, self.ignore_index = mode, ignore_index
-        self._cached = (None, None)  # (key, (labels, components per value)): the last map, read once per image
+        self._labels = (None, None)  # (image key, label map) of the last map read
+        self._components = (None, None)  # ((image key, value), components) of the last class asked for
 
     def objects(self, labels: np.ndarray, image_name: str) -> list:
         """(value, component, class id, object name) per object of `labels`."""
@@ -291,12 +302,19 @@ class LabelMaps:
         return found
 
     def mask(self, key, read_labels, value: int, component: int) -> np.ndarray:
-        cached_key, cached = self._cached
+        if self.mode == "instance":
+            return self._read(key, read_labels) == value
+        cached_key, components = self._components
         if cached_key != (key, value):
-            labels = read_labels(key)
-            cached = labels if self.mode == "instance" else connected_components(labels == value)[0]
-            self._cached = ((key, value), cached)
-        return cached == (value if self.mode == "instance" else component + 1)
+            components = connected_components(self._read(key, read_labels) == value)[0]
+            self._components = ((key, value), components)
+        return components == component + 1
+
+    def _read(self, key, read_labels) -> np.ndarray:
+        # Scan and training ask for the objects of one image in a row: the last map is kept.
+        if self._labels[0] != key:
+            self._labels = (key, read_labels(key))
+        return self._labels[1]
 
 
 class LabelMapFolderSource:
@@ -312,12 +330,8 @@ class LabelMapFolderSource:
         self.class_names = self.maps.class_names
         self.images, self.bad = _image_files(root / "images")
         self.labels = {}
-        for path in sorted((root / "labels").iterdir()):
-            if path.name.startswith("."):
-                continue
-            if path.suffix.lower() not in MASK_SUFFIXES:
-                self.bad.append((path.name, f"not a label map file (expected {', '.join(MASK_SUFFIXES)})"))
-            elif path.stem not in self.images:
+        for path in _annotation_files(root / "labels", "label map", self.bad):
+            if path.stem not in self.images:
                 self.bad.append((path.name, "label map without an image"))
             else:
                 self.labels[path.stem] = path
@@ -368,13 +382,25 @@ class CocoSource:
             raise SystemExit(f"error: {path} is not a COCO instances file (expected lists `images`, `annotations` "
                              "and `categories`)")
         self.path, self.image_root = path, Path(options.image_root) if options.image_root else path.parent
-        categories = sorted(coco["categories"], key=lambda c: c["id"])
-        self.class_names = [c["name"] for c in categories]
+        try:
+            categories = sorted(coco["categories"], key=lambda c: c["id"])
+            self.class_names = [str(c["name"]) for c in categories]
+            listed = {image["id"]: image for image in coco["images"]}
+        except (KeyError, TypeError) as error:
+            raise SystemExit(f"error: {path}: every category needs an `id` and a `name`, every image an `id` "
+                             f"({type(error).__name__}: {error})")
         class_of = {c["id"]: index for index, c in enumerate(categories)}
-        self.images = {image["id"]: image for image in coco["images"]}
-        self.annotations, self.by_image, self.bad, self.crowd = {}, {i: [] for i in self.images}, [], 0
-        for annotation in coco["annotations"]:
-            name = f"ann {annotation.get('id')}"
+        self.bad, self.crowd = [], 0
+        self.images = {}
+        for image_id, image in listed.items():
+            if all(k in image for k in ("file_name", "width", "height")):
+                self.images[image_id] = image
+            else:
+                self.bad.append((f"image id {image_id}", "image entry without file_name, width and height"))
+        # Keyed by position: annotation ids are not always unique in hand-made files.
+        self.annotations, self.by_image = {}, {image_id: [] for image_id in self.images}
+        for index, annotation in enumerate(coco["annotations"]):
+            name = f"ann {annotation.get('id', f'#{index}')}"
             if annotation.get("iscrowd"):
                 self.crowd += 1
             elif annotation.get("image_id") not in self.images:
@@ -382,8 +408,8 @@ class CocoSource:
             elif annotation.get("category_id") not in class_of:
                 self.bad.append((name, f"category id {annotation.get('category_id')} is not in `categories`"))
             else:
-                self.annotations[annotation["id"]] = annotation
-                self.by_image[annotation["image_id"]].append((annotation["id"], class_of[annotation["category_id"]]))
+                self.annotations[index] = annotation
+                self.by_image[annotation["image_id"]].append((index, name, class_of[annotation["category_id"]]))
 
     def describe(self) -> str:
         crowd = f", {self.crowd} crowd annotations not used" if self.crowd else ""
@@ -399,8 +425,7 @@ class CocoSource:
     def objects(self, image_id) -> list:
         # An image without annotations is a negative, not an error: it is counted as unused.
         file_name = self.images[image_id]["file_name"]
-        return [(annotation_id, f"{file_name} ann {annotation_id}", class_id)
-                for annotation_id, class_id in self.by_image[image_id]]
+        return [(index, f"{file_name} {name}", class_id) for index, name, class_id in self.by_image[image_id]]
 
     def image(self, image_id) -> Image.Image:
         path = self.image_root / self.images[image_id]["file_name"]
@@ -408,12 +433,12 @@ class CocoSource:
             raise BadSample(f"missing image file {path} (see --image-root)")
         return _open_image(path)
 
-    def mask(self, annotation_id) -> np.ndarray:
+    def mask(self, index) -> np.ndarray:
         try:
             from pycocotools import mask as coco_mask
         except ImportError:
             raise SystemExit(f"error: COCO masks need pycocotools: {INSTALL_HINT}")
-        annotation = self.annotations[annotation_id]
+        annotation = self.annotations[index]
         image = self.images[annotation["image_id"]]
         height, width = image["height"], image["width"]
         segmentation = annotation.get("segmentation")

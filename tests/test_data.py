@@ -298,6 +298,7 @@ def write_coco(root: Path) -> Path:
             {"id": 3, "file_name": "empty.png", "width": 16, "height": 16},
             {"id": 4, "file_name": "gone.png", "width": 16, "height": 16},
             {"id": 5, "file_name": "badpoly.png", "width": 16, "height": 16},
+            {"id": 6, "file_name": "sizeless.png"},
         ],
         "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
         "annotations": [
@@ -363,9 +364,10 @@ def test_coco_polygons_rle_crowd_and_bad_annotations(tmp_path):
         "sub/rle.png ann 24": "RLE size [32, 24] is not the image's [height, width] [24, 32]",
         "gone.png": f"missing image file {tmp_path / 'pics' / 'gone.png'} (see --image-root)",
         "badpoly.png ann 50": "bad polygon (expected lists of at least 3 x, y pairs)",
+        "image id 6": "image entry without file_name, width and height",
     }
     assert "2 images, 4 objects (cat 2, dog 2)" in log
-    with pytest.raises(SystemExit, match="7 bad samples"):
+    with pytest.raises(SystemExit, match="8 bad samples"):
         scanned(path, DataOptions(image_root=str(tmp_path / "pics")), strict=True)
     # Without --image-root the images are looked for beside the JSON.
     with pytest.raises(SystemExit, match="no usable"):
