@@ -282,8 +282,8 @@ class LabelMaps:
                              f"not {len(class_names)}")
         self.class_names = list(class_names or ["object"])
         self.mode, self.ignore_index = mode, ignore_index
-        self._labels = (None, None)  # (image key, label map) of the last map read
-        self._components = (None, None)  # ((image key, value), components) of the last class asked for
+        self._last_map = (None, None)  # (image key, label map) of the last map read
+        self._last_components = (None, None)  # ((image key, value), components) of the last class asked for
 
     def objects(self, labels: np.ndarray, image_name: str) -> list:
         """(value, component, class id, object name) per object of `labels`."""
@@ -304,17 +304,17 @@ class LabelMaps:
     def mask(self, key, read_labels, value: int, component: int) -> np.ndarray:
         if self.mode == "instance":
             return self._read(key, read_labels) == value
-        cached_key, components = self._components
+        cached_key, components = self._last_components
         if cached_key != (key, value):
             components = connected_components(self._read(key, read_labels) == value)[0]
-            self._components = ((key, value), components)
+            self._last_components = ((key, value), components)
         return components == component + 1
 
     def _read(self, key, read_labels) -> np.ndarray:
         # Scan and training ask for the objects of one image in a row: the last map is kept.
-        if self._labels[0] != key:
-            self._labels = (key, read_labels(key))
-        return self._labels[1]
+        if self._last_map[0] != key:
+            self._last_map = (key, read_labels(key))
+        return self._last_map[1]
 
 
 class LabelMapFolderSource:
@@ -333,6 +333,8 @@ class LabelMapFolderSource:
         for path in _annotation_files(root / "labels", "label map", self.bad):
             if path.stem not in self.images:
                 self.bad.append((path.name, "label map without an image"))
+            elif path.stem in self.labels:
+                self.bad.append((path.name, f"another label map is also named {path.stem}"))
             else:
                 self.labels[path.stem] = path
 
@@ -699,10 +701,12 @@ def add_data_arguments(parser) -> None:
     """The data-format flags (`data_options` reads them), in their own group of `parser`'s help."""
     group = parser.add_argument_group(
         "data formats",
-        "--train-data/--val-data is one of: a folder DIR/images/<name>.png|jpg|... with DIR/masks/<name>*.png (one "
-        "binary 0/1, 0/255 or 0/65535 mask per object); a folder DIR/images/ with DIR/labels/<name>.png (one label "
-        "map per image: 8/16-bit grey or palette PNG, 0 = background); a COCO instances .json; a `datasets` folder "
-        "(save_to_disk or parquet files); or a Hub dataset id user/name.",
+        "A data path is one of: a folder DIR/images/<name>.png|jpg|... with DIR/masks/<name>*.png (one binary 0/1, "
+        "0/255 or 0/65535 mask per object); a folder DIR/images/ with DIR/labels/<name>.png (one label map per "
+        "image: 8/16-bit grey or palette PNG, 0 = background, class names in DIR/classes.txt or --class-names); a "
+        "COCO instances .json (polygons or RLE; crowd annotations are not used); a `datasets` folder (save_to_disk "
+        "or parquet files); or a Hub dataset id user/name (pin it with --data-revision). Every image and mask is "
+        "read once before use: bad samples are counted, named and skipped.",
     )
     group.add_argument("--image-root", metavar="DIR",
                        help="COCO: folder the images' file_name are relative to (default: the JSON's folder)")
@@ -716,16 +720,16 @@ def add_data_arguments(parser) -> None:
     group.add_argument("--label-mode", choices=("class", "instance"), default="class",
                        help="label maps: `class` = each connected blob of each class value is one object; "
                             "`instance` = each id is one object (one class; name it with --class-names NAME)")
-    group.add_argument("--image-column", default="image", help="datasets: the image column")
-    group.add_argument("--mask-column", default="mask", help="datasets: one binary mask or a list of masks per row")
-    group.add_argument("--class-column",
+    group.add_argument("--image-column", default="image", metavar="COLUMN", help="datasets: the image column")
+    group.add_argument("--mask-column", default="mask", metavar="COLUMN", help="datasets: one binary mask or a list of masks per row")
+    group.add_argument("--class-column", metavar="COLUMN",
                        help="datasets: the class of each mask of --mask-column (one or a list per row; a ClassLabel, "
                             "strings, or integers naming --class-names from 0)")
-    group.add_argument("--label-column",
+    group.add_argument("--label-column", metavar="COLUMN",
                        help="datasets: a label-map column instead of --mask-column (--label-mode, --class-names and "
                             "--ignore-index apply)")
-    group.add_argument("--train-split", default="train", help="datasets: split of --train-data")
-    group.add_argument("--val-split", default="validation",
+    group.add_argument("--train-split", default="train", metavar="SPLIT", help="datasets: split of --train-data")
+    group.add_argument("--val-split", default="validation", metavar="SPLIT",
                        help="datasets: split of --val-data (a dataset with a single split uses that one)")
     group.add_argument("--data-revision", metavar="SHA",
                        help="Hub datasets: revision (branch, tag or commit sha; pin a sha for reproducible runs)")

@@ -240,6 +240,7 @@ def test_label_map_bad_samples_are_named_and_skipped(tmp_path):
                                             "small": good[:16, :20]})
     noise(32, 40).save(root / "images" / "nolabels.png")
     Image.fromarray(good).save(root / "labels" / "orphan.png")
+    Image.fromarray(good).save(root / "labels" / "good.tif")
     noise(32, 40).save(root / "images" / "truncated.png")
     (root / "labels" / "truncated.png").write_bytes(b"\x89PNG truncated")
     (root / "images" / "small.png").unlink()
@@ -258,10 +259,12 @@ def test_label_map_bad_samples_are_named_and_skipped(tmp_path):
     assert reasons.pop("rgb.png").startswith("label map is a RGB image")
     assert reasons.pop("nolabels.png") == "image without a label map"
     assert reasons.pop("orphan.png") == "label map without an image"
+    assert reasons.pop("good.tif") == "another label map is also named good"
     assert reasons.pop("truncated.png").startswith("unreadable label map truncated.png")
     assert reasons == {"small.png cat #1": "mask is 20x16, image is 40x32"}  # the one object left in the crop
-    with pytest.raises(SystemExit, match="5 bad samples"):
+    with pytest.raises(SystemExit, match="6 bad samples") as refused:
         scanned(root, DataOptions(ignore_index=255), strict=True)
+    assert "nolabels.png: image without a label map" in str(refused.value)
 
 
 def test_label_maps_need_class_names(tmp_path):
