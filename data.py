@@ -28,7 +28,7 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 BACKGROUND_NAMES = ("background", "_background_")  # a first line naming class 0 in a class-name file
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # not ./x or ../x: those are paths
 INSTALL_HINT = "pip install -e '.[train]'"
 
 

@@ -528,6 +528,7 @@ def test_data_arguments_round_trip(tmp_path):
     ("both", "has both masks/ and labels/"),
     ("not-coco", "is not a COCO instances file"),
     ("hub-offline", "is not a local path and cannot be loaded as a Hub dataset"),
+    ("relative-missing", "does not exist"),
 ])
 def test_a_path_that_is_no_format_is_a_clear_error(tmp_path, layout, message):
     spec = tmp_path / "data"
@@ -536,12 +537,14 @@ def test_a_path_that_is_no_format_is_a_clear_error(tmp_path, layout, message):
     elif layout == "not-coco":
         spec = tmp_path / "data.json"
         spec.write_text('{"images": []}')
-    elif layout != "missing" and layout != "hub-offline":
+    elif layout not in ("missing", "hub-offline", "relative-missing"):
         spec.mkdir()
         for folder in {"images-only": ["images"], "both": ["images", "masks", "labels"]}.get(layout, []):
             (spec / folder).mkdir()
     if layout == "hub-offline":
         spec = "someone/dataset-not-here"  # HF_HUB_OFFLINE=1 in conftest: nothing reaches the network
+    if layout == "relative-missing":
+        spec = "../no-such-folder"  # looks like user/name, but a Hub id does not start with `.`
     with pytest.raises(SystemExit, match=re.escape(message)) as error:
         open_source(str(spec), DataOptions())
     assert str(error.value).startswith("error: ")
