@@ -31,7 +31,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench_encoder import SIZES, encoder_gflop, sam_config  # noqa: E402
+from bench_encoder import SIZES, encoder_gflop, fmt, sam_config  # noqa: E402
 from sam_testing import add_lora, max_abs_diff, random_stock_sam  # noqa: E402
 
 from sam_split import SamSplitModel  # noqa: E402
@@ -177,9 +177,6 @@ def main(argv=None) -> dict:
         del peft_model
     train[1]["time_ratio"] = train[1]["median_s"] / train[0]["median_s"]
     train[1]["memory_ratio"] = train[1]["peak_gb"] / train[0]["peak_gb"] if train[0]["peak_gb"] else None
-
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
 
     print(f"\nVision encoder, {args.config} {size}px, median of {args.repeats} (ratios: ours / stock, same row kind)")
     header = f"{'configuration':<16} {'dtype':>5} {'batch':>5} {'ms':>9} {'x stock':>8} {'x floor':>8} {'peak GB':>8} {'mem x':>6} {'max|diff|':>9}"
