@@ -23,11 +23,13 @@ import threading
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer
+from sam_testing import hub_env
 
 TOKEN = "hf_local_test_token_0123456789"
 SERVER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hub_server.py")
+PUSH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "push.py")
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:"
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
 PRELUDE = textwrap.dedent(
@@ -66,34 +68,12 @@ PRELUDE = textwrap.dedent(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def client_env(url, hf_home, token=TOKEN, **extra):
-    """A clean environment for a client of the server at ``url``; an ``extra`` value of None unsets that variable."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.lower().endswith("_proxy")
-        and not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))
-        and k not in ("PYTEST_CURRENT_TEST", "PYTHONPATH")
-    }
-    env.update(
-        HF_ENDPOINT=url, HF_HOME=str(hf_home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="30", HF_HUB_DOWNLOAD_TIMEOUT="60",
-        TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-        NO_PROXY="127.0.0.1,localhost",
-    )
-    if token is not None:
-        env["HF_TOKEN"] = token
-    for key, value in extra.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = str(value)
-    return env
-
-
-def run_client(url, hf_home, script, args=None, token=TOKEN, timeout=240, **extra_env):
-    """Run PRELUDE + script in a fresh interpreter of this venv; return its ``out`` dict."""
-    env = client_env(url, hf_home, token=token, TEST_ARGS=json.dumps(args or {}), **extra_env)
+def run_client(url, hf_home, script, args=None, token=TOKEN, timeout=240, xet=False, **extra_env):
+    """Run PRELUDE + script in a fresh interpreter of this venv; return its ``out`` dict. With ``xet``, the client
+    does not opt out of Xet (HF_HUB_DISABLE_XET unset)."""
+    env = hub_env(url, hf_home, token=token, TEST_ARGS=json.dumps(args or {}), **extra_env)
+    if xet:
+        del env["HF_HUB_DISABLE_XET"]
     code = PRELUDE + textwrap.dedent(script) + '\nprint("@@RESULT@@" + json.dumps(out))\n'
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -460,21 +440,37 @@ def test_upload_and_download_with_xet_enabled(hub, tmp_path):
         out["pr_config"] = read_text(hf_hub_download(repo, "config.json", revision="refs/pr/1"))
         """,
         args={"repo": repo, "folder": str(folder)},
-        HF_HUB_DISABLE_XET=None,
+        xet=True,
     )
     import importlib.util
 
     assert out["xet"] == (importlib.util.find_spec("hf_xet") is not None)  # the client did not opt out of Xet
     digest = sha256_of(folder / "model.safetensors")
     assert out["weights"] == digest and sha256_of(lfs_store_path(hub, repo, digest)) == digest
-    assert hub.git(repo, "cat-file", "-p", f"{out['sha']}:model.safetensors").startswith(
-        "version https://git-lfs.github.com/spec/v1\noid sha256:" + digest)
+    assert hub.git(repo, "cat-file", "-p", f"{out['sha']}:model.safetensors").startswith(LFS_POINTER + digest)
     assert out["snapshot"] == [".gitattributes", "config.json", "model.safetensors"]
     # a pull request too (huggingface_hub >= 1 with hf_xet opens it with the discussions endpoint first)
     assert out["pr_url"] == f"{hub.url}/{repo}/discussions/1" and out["pr_config"] == '{"a": 2}'
     assert hub.git(repo, "rev-parse", "refs/pr/1") == out["pr_sha"] and hub.git(repo, "rev-parse", "main") == out["sha"]
     assert hub.git(repo, "log", "-1", "--format=%s", out["pr_sha"]) == "proposal"
     assert not [r for r in hub.requests if "-token" in r["path"]]  # no Xet token was asked for
+
+
+def test_push_py_with_xet_enabled(hub, tmp_path):
+    """push.py, this project's own client, with Xet left on: a push, then a pull request, no traceback."""
+    from sam_testing import random_stock_sam
+
+    random_stock_sam().save_pretrained(tmp_path / "sam")
+    env = hub_env(hub.url, tmp_path / "home", token=TOKEN)
+    del env["HF_HUB_DISABLE_XET"]
+    repo, shas = "tester/pushed-with-xet", []
+    for extra in ([], ["--create-pr"]):
+        result = subprocess.run([sys.executable, PUSH_SCRIPT, "--source", str(tmp_path / "sam"), "--repo-id", repo,
+                                 *extra], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        shas.append(re.search(r"Committed ([0-9a-f]{40})", result.stdout).group(1))
+    assert hub.git(repo, "rev-parse", "main") == shas[0] and hub.git(repo, "rev-parse", "refs/pr/1") == shas[1]
+    assert hub.git(repo, "cat-file", "-p", f"{shas[0]}:model.safetensors").startswith(LFS_POINTER)
 
 
 def test_datasets_load_dataset_pinned_to_a_sha(hub, tmp_path):
