@@ -19,7 +19,7 @@ Endpoints (``{t}`` is ``models`` or ``datasets``; ``{p}`` is ``""`` or ``dataset
     POST      /api/repos/create                   POST  /api/validate-yaml   (a README.md's front matter)
     GET       /api/{t}/{repo}                     GET   /api/{t}/{repo}/revision/{rev}
     GET       /api/{t}/{repo}/tree/{rev}[/{path}] POST  /api/{t}/{repo}/paths-info/{rev}
-    POST      /api/{t}/{repo}/preupload/{rev}     POST  /api/{t}/{repo}/commit/{rev}[?create_pr=1]
+    POST      /api/{t}/{repo}/preupload/{rev}     POST  /api/{t}/{repo}/commit/{rev}[?create_pr=1]  (adds files)
     POST      /api/{t}/{repo}/branch/{branch}     POST  /api/{t}/{repo}/tag/{rev}
     POST      /api/{t}/{repo}/duplicate
     POST      /api/{t}/{repo}/discussions         GET   /api/{t}/{repo}/discussions/{num}   (pull requests only)
@@ -176,6 +176,31 @@ def goes_to_lfs(path, data, patterns):
     )
 
 
+def parse_commit(body):
+    """(message, parent commit or None, {path: content}) of an NDJSON commit request."""
+    header, additions = {}, {}
+    for number, line in enumerate(body.splitlines(), 1):
+        try:
+            item = json.loads(line)
+            key, value = item["key"], dict(item["value"])
+        except (ValueError, KeyError, TypeError):
+            raise HubError(400, f"Malformed NDJSON line {number}") from None
+        path = value.get("path")
+        if key == "header":
+            header = value
+        elif key == "file":
+            try:
+                additions[check_path(path)] = base64.b64decode(value.get("content", ""), validate=True)
+            except (ValueError, TypeError):
+                raise HubError(400, f"Invalid base64 content for {path!r}") from None
+        else:  # "lfsFile" (preupload never asks for LFS) and deletions, which no client here sends
+            raise HubError(400, f"Unsupported commit operation {key!r}: this server only adds files, inline")
+    summary, description = (str(header.get(key) or "").strip() for key in ("summary", "description"))
+    if not summary:
+        raise HubError(400, "The commit header needs a non-empty 'summary'")
+    return summary + (f"\n\n{description}" if description else "") + "\n", header.get("parentCommit"), additions
+
+
 class Entry(collections.namedtuple("Entry", "path type oid size lfs")):
     """A file or directory of a commit; ``lfs`` is (sha256, size, pointer size) for LFS files."""
 
@@ -284,6 +309,9 @@ class Store:
             if pointer:
                 entries[entry.path] = entry._replace(lfs=(*pointer, entry.size))
         return entries
+
+    def read_blob(self, git_dir, oid):
+        return self.read_blobs(git_dir, [oid])[oid]
 
     def read_blobs(self, git_dir, oids):
         oids = list(dict.fromkeys(oids))
@@ -625,26 +653,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def commit(self, type_path, namespace, name, revision):
         repo_type, repo_id, git_dir, _ = self.writable(type_path, namespace, name)
-        header, operations = {}, []
-        for number, line in enumerate(self.read_body(MAX_COMMIT_BODY).splitlines(), 1):
-            try:
-                item = json.loads(line)
-                key, value = item["key"], dict(item["value"])
-            except (ValueError, KeyError, TypeError):
-                raise HubError(400, f"Malformed NDJSON line {number}") from None
-            if key == "header":
-                header = value
-            elif key in ("file", "deletedFile", "deletedFolder"):
-                path = value.get("path")
-                operations.append((key, check_path(path.rstrip("/") if key == "deletedFolder" and isinstance(
-                    path, str) else path), value))
-            else:  # lfsFile among them: preupload never asks for LFS
-                raise HubError(400, f"Unsupported commit operation {key!r}: this server takes file contents inline")
-        summary = str(header.get("summary") or "").strip()
-        if not summary:
-            raise HubError(400, "The commit header needs a non-empty 'summary'")
-        description = str(header.get("description") or "").strip()
-        message = summary + (f"\n\n{description}" if description else "") + "\n"
+        message, parent, additions = parse_commit(self.read_body(MAX_COMMIT_BODY))
         create_pr = self.query.get("create_pr", "").lower() in ("1", "true")
         with self.store.lock:
             refs = self.store.refs(git_dir)
@@ -653,7 +662,6 @@ class Handler(BaseHTTPRequestHandler):
                 raise HubError(404, f"Invalid rev id: {revision} (a commit goes to an existing branch or pull "
                                     "request)", "RevisionNotFound")
             base = refs[ref]
-            parent = header.get("parentCommit")
             if parent:
                 try:
                     parent_sha = self.store.resolve(git_dir, repo_id, str(parent))
@@ -663,27 +671,12 @@ class Handler(BaseHTTPRequestHandler):
                     raise HubError(412, f"A commit has happened since {parent}: {ref} is at {base}")
                 base = parent_sha
             files = {path: entry.oid for path, entry in self.store.tree(git_dir, base).items() if entry.type == "file"}
-            attributes = self.store.read_blobs(git_dir, [files[".gitattributes"]])[files[".gitattributes"]].decode() \
-                if ".gitattributes" in files else ""
-            for key, path, value in operations:
-                if key == "file":
-                    try:
-                        data = base64.b64decode(value.get("content", ""), validate=True)
-                    except (ValueError, TypeError):
-                        raise HubError(400, f"Invalid base64 content for {path}") from None
-                    if goes_to_lfs(path, data, lfs_patterns(attributes)):
-                        data = self.store.store_lfs(repo_type, repo_id, data)
-                    files[path] = self.store.hash_blob(git_dir, data)
-                    if path == ".gitattributes":
-                        attributes = data.decode("utf-8", "replace")
-                elif key == "deletedFile" and files.pop(path, None) is None:
-                    raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
-                elif key == "deletedFolder":
-                    doomed = [file for file in files if file.startswith(path + "/")]
-                    if not doomed:
-                        raise HubError(404, f"A folder with this name doesn't exist: {path}", "EntryNotFound")
-                    for file in doomed:
-                        del files[file]
+            attributes = self.store.read_blob(git_dir, files[".gitattributes"]) if ".gitattributes" in files else b""
+            for path, data in additions.items():
+                attributes = data if path == ".gitattributes" else attributes
+                if goes_to_lfs(path, data, lfs_patterns(attributes.decode("utf-8", "replace"))):
+                    data = self.store.store_lfs(repo_type, repo_id, data)
+                files[path] = self.store.hash_blob(git_dir, data)
             sha = self.store.write_commit(git_dir, base, files, message)
             pr_number = None
             if create_pr:
@@ -781,7 +774,7 @@ class Handler(BaseHTTPRequestHandler):
             with open(self.store.lfs_path(repo_type, repo_id, entry.lfs[0]), "rb") as file:
                 data = file.read()
         else:
-            data = self.store.read_blobs(git_dir, [entry.oid])[entry.oid]
+            data = self.store.read_blob(git_dir, entry.oid)
         size, status, start, end = len(data), 200, 0, len(data)
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").replace(" ", ""))
         if match and any(match.groups()):  # one range, "first-[last]" or "-suffix"; other forms get the whole file
