@@ -102,17 +102,16 @@ def request(hub, method, path, payload=None, token=TOKEN, body=None, content_typ
         connection.close()
 
 
-def raw_commit(hub, repo, files, revision="main", summary="raw commit"):
-    """Commit {path: bytes} with the NDJSON commit endpoint; returns the commit sha."""
-    lines = [{"key": "header", "value": {"summary": summary}}] + [
+def raw_commit(hub, repo, files):
+    """POST {path: bytes} to the NDJSON commit endpoint of main; returns (status, reply)."""
+    lines = [{"key": "header", "value": {"summary": "raw commit"}}] + [
         {"key": "file", "value": {"path": path, "content": base64.b64encode(data).decode(), "encoding": "base64"}}
         for path, data in files.items()
     ]
-    status, reply, _ = request(hub, "POST", f"/api/models/{repo}/commit/{revision}",
+    status, reply, _ = request(hub, "POST", f"/api/models/{repo}/commit/main",
                                body=b"\n".join(json.dumps(line).encode() for line in lines),
                                content_type="application/x-ndjson")
-    assert status == 200, reply
-    return reply["commitOid"]
+    return status, reply
 
 
 def sha256_of(path):
@@ -607,8 +606,7 @@ def test_a_full_sha_always_resolves_to_that_commit(hub):
     revision only ever means the commit."""
     repo = "tester/pinned"
     assert request(hub, "POST", "/api/repos/create", {"name": repo})[0] == 200
-    old = raw_commit(hub, repo, {"f.txt": b"old\n"})
-    new = raw_commit(hub, repo, {"f.txt": b"new\n"})
+    old, new = (raw_commit(hub, repo, {"f.txt": content})[1]["commitOid"] for content in (b"old\n", b"new\n"))
     for kind, payload in (("branch", {"startingPoint": new}), ("tag", {"tag": old})):
         target = old if kind == "branch" else new
         status, reply, _ = request(hub, "POST", f"/api/models/{repo}/{kind}/{target}", payload)
@@ -647,7 +645,7 @@ def test_unauthenticated_write_is_refused_before_its_body(hub, path, token):
     assert status_line.startswith(b"HTTP/1.1 401 "), status_line
 
 
-def test_writes_are_limited_to_the_users_namespaces(hub, tmp_path):
+def test_writes_are_limited_to_the_users_namespaces(hub):
     """The token acts as 'tester', a member of the orgs 'forker' and 'upstream': other namespaces get 403."""
     status, me, _ = request(hub, "GET", "/api/whoami-v2")
     assert status == 200 and (me["name"], [org["name"] for org in me["orgs"]]) == ("tester", ["forker", "upstream"])
@@ -674,12 +672,11 @@ def test_writes_are_limited_to_the_users_namespaces(hub, tmp_path):
 
 @pytest.mark.parametrize("path", ["../escape.txt", "a/../../b", "/abs.txt", ".git/config", "a//b", "ok\nno"])
 def test_paths_outside_the_repository_are_refused(hub, path):
+    """File paths stay inside the repository: no '..', no absolute path, no .git, no empty parts or control
+    characters."""
     repo = "tester/paths"
     request(hub, "POST", "/api/repos/create", {"name": repo})
     head = hub.git(repo, "rev-parse", "main")
-    line = {"key": "file", "value": {"path": path, "content": base64.b64encode(b"x").decode(), "encoding": "base64"}}
-    body = json.dumps({"key": "header", "value": {"summary": "s"}}).encode() + b"\n" + json.dumps(line).encode()
-    status, reply, _ = request(hub, "POST", f"/api/models/{repo}/commit/main", body=body,
-                               content_type="application/x-ndjson")
+    status, reply = raw_commit(hub, repo, {path: b"x"})
     assert status == 400 and "Invalid path" in reply["error"], reply
     assert hub.git(repo, "rev-parse", "main") == head
