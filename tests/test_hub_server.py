@@ -1,18 +1,21 @@
-"""Tests for tests/hub_server.py, driven only through the real huggingface_hub / transformers clients.
+"""The specification of tests/hub_server.py: what the real clients (huggingface_hub 0.x and 1.x+, datasets) can do
+against it, and what it refuses.
 
-Every client action runs in a fresh subprocess (huggingface_hub reads HF_ENDPOINT, HF_HOME,
-HF_HUB_OFFLINE... at import time) with a clean environment pointing at the local server.
-The module runs unchanged with huggingface_hub 0.x (requests) and 1.x/2.x (httpx), and with
-transformers 4.x and 5.x.
+Client actions run in a fresh interpreter (huggingface_hub reads HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE and
+HF_HUB_DISABLE_XET at import time) with a clean environment pointing at the server; what the server refuses is
+checked with raw HTTP requests.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,20 +23,21 @@ import threading
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hub_server import HubServer  # noqa: E402
+from hub_server import HubServer
+from sam_testing import hub_env
 
 TOKEN = "hf_local_test_token_0123456789"
 SERVER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hub_server.py")
+PUSH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "push.py")
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:"
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
 PRELUDE = textwrap.dedent(
     """
-    import hashlib, io, json, os, sys, traceback
+    import hashlib, json, os
     import huggingface_hub
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
-    HUB_MAJOR = int(huggingface_hub.__version__.split(".")[0])
     api = HfApi()
     out = {"hub_version": huggingface_hub.__version__}
 
@@ -50,12 +54,8 @@ PRELUDE = textwrap.dedent(
             fn()
         except Exception as e:  # report what the client raised
             resp = getattr(e, "response", None)
-            return {
-                "type": type(e).__name__,
-                "mro": [c.__name__ for c in type(e).__mro__],
-                "status": getattr(resp, "status_code", None),
-                "message": str(e)[:500],
-            }
+            return {"mro": [c.__name__ for c in type(e).__mro__], "status": getattr(resp, "status_code", None),
+                    "message": str(e)[:500]}
         return None
 
     ARGS = json.loads(os.environ["TEST_ARGS"])
@@ -63,51 +63,55 @@ PRELUDE = textwrap.dedent(
 )
 
 
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # helpers
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 
 
-def client_env(url, hf_home, token=TOKEN, **extra):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.lower().endswith("_proxy")
-        and not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))
-        and k not in ("PYTEST_CURRENT_TEST", "PYTHONPATH")
-    }
-    env.update(
-        HF_ENDPOINT=url,
-        HF_HOME=str(hf_home),
-        HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        HF_HUB_ETAG_TIMEOUT="30",
-        HF_HUB_DOWNLOAD_TIMEOUT="60",
-        TRANSFORMERS_VERBOSITY="error",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        NO_PROXY="127.0.0.1,localhost",
-    )
-    if token is not None:
-        env["HF_TOKEN"] = token
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_client(url, hf_home, script, args=None, token=TOKEN, timeout=240, **extra_env):
-    """Run PRELUDE + script in a fresh interpreter of this venv; return its ``out`` dict."""
-    env = client_env(url, hf_home, token=token, TEST_ARGS=json.dumps(args or {}), **extra_env)
+def run_client(url, hf_home, script, args=None, token=TOKEN, timeout=240, xet=False, **extra_env):
+    """Run PRELUDE + script in a fresh interpreter of this venv; return its ``out`` dict. With ``xet``, the client
+    does not opt out of Xet (HF_HUB_DISABLE_XET unset)."""
+    env = hub_env(url, hf_home, token=token, TEST_ARGS=json.dumps(args or {}), **extra_env)
+    if xet:
+        del env["HF_HUB_DISABLE_XET"]
     code = PRELUDE + textwrap.dedent(script) + '\nprint("@@RESULT@@" + json.dumps(out))\n'
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"client script failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}\n{proc.stdout[-2000:]}")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("@@RESULT@@"):
             return json.loads(line[len("@@RESULT@@"):])
     pytest.fail(f"no result from client script:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def request(hub, method, path, payload=None, token=TOKEN, body=None, content_type="application/json"):
+    """One raw request: (status, parsed JSON or raw bytes, headers)."""
+    connection = http.client.HTTPConnection(hub.url.split("//")[1], timeout=30)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if payload is not None:
+        body = json.dumps(payload).encode()
+    if body is not None:
+        headers["Content-Type"] = content_type
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+        is_json = response.getheader("Content-Type", "").startswith("application/json")
+        return response.status, json.loads(data) if is_json else data, response
+    finally:
+        connection.close()
+
+
+def raw_commit(hub, repo, files):
+    """POST {path: bytes} to the NDJSON commit endpoint of main; returns (status, reply)."""
+    lines = [{"key": "header", "value": {"summary": "raw commit"}}] + [
+        {"key": "file", "value": {"path": path, "content": base64.b64encode(data).decode(), "encoding": "base64"}}
+        for path, data in files.items()
+    ]
+    status, reply, _ = request(hub, "POST", f"/api/models/{repo}/commit/main",
+                               body=b"\n".join(json.dumps(line).encode() for line in lines),
+                               content_type="application/x-ndjson")
+    return status, reply
 
 
 def sha256_of(path):
@@ -140,15 +144,17 @@ def hub(tmp_path_factory):
         yield server
 
 
-# --------------------------------------------------------------------------------------------
-# 1. create_repo + upload_folder in one commit (regular + LFS file), history and refs agree
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
+# What the clients can do
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def test_create_and_upload_folder_single_commit(hub, tmp_path):
+    """create_repo + upload_folder: one real git commit on main, a regular blob and an LFS pointer + object."""
     folder = tmp_path / "upload"
     folder.mkdir()
     (folder / "hello.txt").write_text("hello v1\n")
+    (folder / "README.md").write_text("---\nlibrary_name: transformers\n---\n# A model\n")  # validated first
     write_safetensors(folder / "model.safetensors", seed=0)
     repo = "tester/first-repo"
 
@@ -161,13 +167,7 @@ def test_create_and_upload_folder_single_commit(hub, tmp_path):
         out["url2"] = str(api.create_repo(repo, exist_ok=True))
         out["dup_error"] = expect_error(lambda: api.create_repo(repo))
         info = api.upload_folder(repo_id=repo, folder_path=ARGS["folder"], commit_message="first upload")
-        out["oid"] = info.oid
-        out["commit_url"] = info.commit_url
-        out["pr_url"] = info.pr_url
-        out["commits"] = [c.commit_id for c in api.list_repo_commits(repo)]
-        out["titles"] = [c.title for c in api.list_repo_commits(repo)]
-        refs = api.list_repo_refs(repo)
-        out["branches"] = {b.name: b.target_commit for b in refs.branches}
+        out.update(oid=info.oid, commit_url=info.commit_url, pr_url=info.pr_url)
         out["files"] = sorted(api.list_repo_files(repo))
         out["tree"] = {
             f.path: {"size": f.size, "lfs": f.lfs.sha256 if f.lfs else None, "blob": f.blob_id}
@@ -186,16 +186,12 @@ def test_create_and_upload_folder_single_commit(hub, tmp_path):
     assert out["pr_url"] is None
     assert out["whoami"] == "tester"
 
-    # the commit is a real git commit on main, with both files in ONE commit on top of "initial commit"
-    assert hub.git(repo, "rev-parse", "refs/heads/main") == oid
-    assert out["info_sha"] == oid
-    assert out["branches"] == {"main": oid}
-    assert out["commits"] == hub.git(repo, "rev-list", oid).split()
-    assert out["commits"][0] == oid and len(out["commits"]) == 2
-    assert out["titles"] == ["first upload", "initial commit"]
+    # both files in ONE commit on main, on top of "initial commit"
+    assert hub.git(repo, "rev-parse", "refs/heads/main") == oid == out["info_sha"]
+    assert hub.git(repo, "log", "--format=%s", oid).split("\n") == ["first upload", "initial commit"]
     changed = hub.git(repo, "diff-tree", "--no-commit-id", "--name-only", "-r", f"{oid}^", oid).split()
-    assert sorted(changed) == ["hello.txt", "model.safetensors"]
-    assert out["files"] == [".gitattributes", "hello.txt", "model.safetensors"]
+    assert sorted(changed) == ["README.md", "hello.txt", "model.safetensors"]
+    assert out["files"] == [".gitattributes", "README.md", "hello.txt", "model.safetensors"]
 
     # regular file stored as a blob, safetensors as a real git-lfs pointer + object in the store
     assert hub.git(repo, "cat-file", "-p", f"{oid}:hello.txt") == "hello v1"
@@ -210,12 +206,8 @@ def test_create_and_upload_folder_single_commit(hub, tmp_path):
     assert sha256_of(lfs_store_path(hub, repo, digest)) == digest
 
 
-# --------------------------------------------------------------------------------------------
-# 2. revisions, snapshot_download by sha, range reads, offline re-download
-# --------------------------------------------------------------------------------------------
-
-
 def test_revisions_snapshot_ranges_and_offline(hub, tmp_path):
+    """Downloads by sha and branch, snapshot_download by sha, HTTP ranges, then the same from the cache offline."""
     v1, v2 = tmp_path / "v1", tmp_path / "v2"
     for d, seed, text in ((v1, 1, "version one\n"), (v2, 2, "version two\n")):
         d.mkdir()
@@ -296,147 +288,8 @@ def test_revisions_snapshot_ranges_and_offline(hub, tmp_path):
     assert len(hub.requests) == before
 
 
-# --------------------------------------------------------------------------------------------
-# 3. transformers: plain model and custom-code model (trust_remote_code) pinned to a sha
-# --------------------------------------------------------------------------------------------
-
-TINY_CONFIG_PY = '''
-from transformers import PretrainedConfig
-
-
-class TinyConfig(PretrainedConfig):
-    model_type = "tiny_custom"
-
-    def __init__(self, in_features=4, out_features=3, **kwargs):
-        self.in_features = in_features
-        self.out_features = out_features
-        super().__init__(**kwargs)
-'''
-
-TINY_MODELING_PY = '''
-import torch
-from transformers import PreTrainedModel
-
-from .configuration_tiny import TinyConfig
-
-
-class TinyModel(PreTrainedModel):
-    config_class = TinyConfig
-    base_model_prefix = "tiny"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.linear = torch.nn.Linear(config.in_features, config.out_features)
-        self.post_init()
-
-    def _init_weights(self, module):
-        pass
-
-    def forward(self, x):
-        return self.linear(x)
-'''
-
-
-def test_transformers_from_pretrained_with_revision(hub, tmp_path):
-    import torch
-    from safetensors.torch import save_file
-    from transformers import BertConfig, BertModel
-
-    bert_dir = tmp_path / "bert"
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99)
-    BertModel(config).save_pretrained(str(bert_dir), safe_serialization=True)
-    assert (bert_dir / "model.safetensors").exists()
-
-    tiny_dir = tmp_path / "tiny"
-    tiny_dir.mkdir()
-    (tiny_dir / "configuration_tiny.py").write_text(TINY_CONFIG_PY)
-    (tiny_dir / "modeling_tiny.py").write_text(TINY_MODELING_PY)
-    (tiny_dir / "config.json").write_text(json.dumps({
-        "model_type": "tiny_custom",
-        "architectures": ["TinyModel"],
-        "in_features": 4,
-        "out_features": 3,
-        "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModel": "modeling_tiny.TinyModel"},
-    }))
-    save_file({"linear.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 10,
-               "linear.bias": torch.tensor([1.0, -1.0, 0.5])}, str(tiny_dir / "model.safetensors"))
-
-    up = run_client(
-        hub.url,
-        tmp_path / "hf-home-upload",
-        """
-        shas = {}
-        for repo, folder in ARGS["uploads"]:
-            api.create_repo(repo, exist_ok=True)
-            shas[repo] = api.upload_folder(repo_id=repo, folder_path=folder, commit_message="add model").oid
-            # a later commit on main: loading by sha must still give the pinned files
-            api.upload_file(path_or_fileobj=b"later\\n", path_in_repo="LATER.txt", repo_id=repo)
-        out["shas"] = shas
-        """,
-        args={"uploads": [["tester/tiny-bert", str(bert_dir)], ["tester/tiny-custom", str(tiny_dir)]]},
-    )
-    bert_sha, tiny_sha = up["shas"]["tester/tiny-bert"], up["shas"]["tester/tiny-custom"]
-    assert hub.git("tester/tiny-bert", "rev-parse", "main^") == bert_sha
-
-    out = run_client(
-        hub.url,
-        tmp_path / "hf-home-load",  # fresh cache: everything, code included, comes from the server
-        """
-        import torch, transformers
-        from safetensors.torch import load_file
-        from transformers import AutoModel
-        out["transformers"] = transformers.__version__
-
-        def compare(model, path):
-            saved = load_file(path)
-            state = model.state_dict()
-            missing = sorted(set(saved) - set(state))
-            diff = sorted(k for k in saved if k in state and not torch.equal(saved[k], state[k]))
-            return {"n": len(saved), "missing": missing, "diff": diff}
-
-        bert = AutoModel.from_pretrained("tester/tiny-bert", revision=ARGS["bert_sha"])
-        out["bert_class"] = type(bert).__name__
-        out["bert_cmp"] = compare(bert, ARGS["bert_weights"])
-        out["bert_commit"] = getattr(bert.config, "_commit_hash", None)
-
-        tiny = AutoModel.from_pretrained("tester/tiny-custom", trust_remote_code=True, revision=ARGS["tiny_sha"])
-        out["tiny_class"] = type(tiny).__name__
-        out["tiny_module"] = type(tiny).__module__
-        out["tiny_config_class"] = type(tiny.config).__name__
-        out["tiny_cmp"] = compare(tiny, ARGS["tiny_weights"])
-        out["tiny_forward"] = tiny(torch.ones(1, 4)).tolist()
-        modules = os.path.join(os.environ["HF_HOME"], "modules")
-        out["module_files"] = sorted(
-            f for _, _, files in os.walk(modules) for f in files if f.endswith(".py") and "tiny" in f
-        )
-        """,
-        args={
-            "bert_sha": bert_sha,
-            "tiny_sha": tiny_sha,
-            "bert_weights": str(bert_dir / "model.safetensors"),
-            "tiny_weights": str(tiny_dir / "model.safetensors"),
-        },
-        timeout=300,
-    )
-    assert out["bert_class"] == "BertModel"
-    assert out["bert_cmp"]["n"] > 10 and out["bert_cmp"]["missing"] == [] and out["bert_cmp"]["diff"] == []
-    assert out["bert_commit"] in (None, bert_sha)
-    assert out["tiny_class"] == "TinyModel"
-    assert out["tiny_config_class"] == "TinyConfig"
-    assert "transformers_modules" in out["tiny_module"]
-    assert out["tiny_cmp"] == {"n": 2, "missing": [], "diff": []}
-    # x = ones(4): W @ x + b with W = arange(12).reshape(3, 4) / 10 and b = [1, -1, .5]
-    assert out["tiny_forward"][0] == pytest.approx([0.6 + 1.0, 2.2 - 1.0, 3.8 + 0.5])
-    assert "configuration_tiny.py" in out["module_files"] and "modeling_tiny.py" in out["module_files"]
-
-
-# --------------------------------------------------------------------------------------------
-# 4. pull requests, branches, tags, parent_commit, missing branch
-# --------------------------------------------------------------------------------------------
-
-
 def test_pull_request_branch_and_tag(hub, tmp_path):
+    """create_pr leaves main alone; branches and tags (annotated or not); parent_commit is compare-and-swap."""
     repo = "tester/prs"
     out = run_client(
         hub.url,
@@ -455,13 +308,9 @@ def test_pull_request_branch_and_tag(hub, tmp_path):
         out["pr_content"] = read_text(hf_hub_download(repo, "a.txt", revision=pr.pr_revision))
         out["pr_info_sha"] = api.model_info(repo, revision=pr.pr_revision).sha
         out["main_content"] = read_text(hf_hub_download(repo, "a.txt"))
-        refs = api.list_repo_refs(repo, include_pull_requests=True)
-        out["prs"] = {r.ref: r.target_commit for r in refs.pull_requests}
-
         # a second commit pushed onto the PR ref itself
-        pr2 = api.upload_file(path_or_fileobj=b"more", path_in_repo="b.txt", repo_id=repo,
-                              revision=pr.pr_revision, commit_message="Update PR")
-        out["pr_update"] = pr2.oid
+        out["pr_update"] = api.upload_file(path_or_fileobj=b"more", path_in_repo="b.txt", repo_id=repo,
+                                           revision=pr.pr_revision, commit_message="Update PR").oid
 
         api.create_branch(repo, branch="dev", revision=base)
         api.create_branch(repo, branch="dev", exist_ok=True)
@@ -470,22 +319,19 @@ def test_pull_request_branch_and_tag(hub, tmp_path):
         out["dev_oid"] = dev.oid
         out["dev_content"] = read_text(hf_hub_download(repo, "dev.txt", revision="dev"))
         out["dev_on_main"] = expect_error(lambda: hf_hub_download(repo, "dev.txt", revision="main"))
-        out["branches"] = {b.name: b.target_commit for b in api.list_repo_refs(repo).branches}
 
         api.create_tag(repo, tag="v1.0", revision=base, tag_message="first release")
         api.create_tag(repo, tag="light", revision=base)
-        out["tags"] = {t.name: t.target_commit for t in api.list_repo_refs(repo).tags}
+        out["tag_dup"] = expect_error(lambda: api.create_tag(repo, tag="light"))
         out["tag_content"] = read_text(hf_hub_download(repo, "a.txt", revision="v1.0"))
+        out["short_sha_content"] = read_text(hf_hub_download(repo, "a.txt", revision=base[:7]))
 
         out["no_branch"] = expect_error(lambda: api.upload_file(
             path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo, revision="does-not-exist"))
         out["stale_parent"] = expect_error(lambda: api.create_commit(
             repo, operations=[CommitOperationAdd("c.txt", b"c")], commit_message="stale", parent_commit=initial))
-        ok = api.create_commit(repo, operations=[CommitOperationAdd("c.txt", b"c")], commit_message="fresh",
-                               parent_commit=base)
-        out["fresh_parent"] = ok.oid
-        api.delete_branch(repo, branch="dev")
-        out["branches_after_delete"] = sorted(b.name for b in api.list_repo_refs(repo).branches)
+        out["fresh_parent"] = api.create_commit(repo, operations=[CommitOperationAdd("c.txt", b"c")],
+                                                commit_message="fresh", parent_commit=base).oid
         """,
         args={"repo": repo},
     )
@@ -495,7 +341,6 @@ def test_pull_request_branch_and_tag(hub, tmp_path):
     assert out["main_after_pr"] == base  # main did not move
     assert out["pr_content"] == "proposed" and out["main_content"] == "main v1"
     assert out["pr_info_sha"] == pr_oid
-    assert out["prs"] == {"refs/pr/1": pr_oid}
     assert hub.git(repo, "rev-parse", f"{pr_oid}^") == base
     assert hub.git(repo, "rev-parse", "refs/pr/1") == out["pr_update"]
     assert hub.git(repo, "rev-parse", f"{out['pr_update']}^") == pr_oid
@@ -504,29 +349,27 @@ def test_pull_request_branch_and_tag(hub, tmp_path):
     assert hub.git(repo, "rev-parse", f"{out['dev_oid']}^") == base
     assert out["dev_content"] == "dev only"
     assert_error(out["dev_on_main"], "EntryNotFoundError", 404)
-    assert out["branches"] == {"main": base, "dev": out["dev_oid"]}
-    assert out["tags"] == {"v1.0": base, "light": base}
-    assert out["tag_content"] == "main v1"
+    assert hub.git(repo, "rev-parse", "refs/heads/dev") == out["dev_oid"]
+    assert hub.git(repo, "rev-parse", "v1.0^{commit}") == hub.git(repo, "rev-parse", "light") == base
     assert hub.git(repo, "cat-file", "-t", "refs/tags/v1.0") == "tag"  # annotated
+    assert hub.git(repo, "cat-file", "-t", "refs/tags/light") == "commit"
+    assert_error(out["tag_dup"], "HfHubHTTPError", 409)
+    assert out["tag_content"] == out["short_sha_content"] == "main v1"
 
     assert_error(out["no_branch"], "RevisionNotFoundError", 404)
     assert_error(out["stale_parent"], "HfHubHTTPError", 412)
     assert hub.git(repo, "rev-parse", "main") == out["fresh_parent"]
     assert hub.git(repo, "rev-parse", "main^") == base
-    assert out["branches_after_delete"] == ["main"]
-
-
-# --------------------------------------------------------------------------------------------
-# 5. server-side duplicate (HfApi.duplicate_repo on hub >= 1; raw REST call on 0.x)
-# --------------------------------------------------------------------------------------------
 
 
 def test_duplicate_repo(hub, tmp_path):
+    """Server-side duplicate (HfApi.duplicate_repo on huggingface_hub >= 1, the REST call on 0.x) keeps the history
+    and the LFS objects; the copy then lives its own life."""
     folder = tmp_path / "dup"
     folder.mkdir()
     (folder / "notes.txt").write_text("source\n")
     write_safetensors(folder / "model.safetensors", seed=5)
-    src, dst = "tester/dup-source", "other-org/dup-copy"
+    src, dst = "tester/dup-source", "forker/dup-copy"
 
     out = run_client(
         hub.url,
@@ -542,22 +385,18 @@ def test_duplicate_repo(hub, tmp_path):
         else:
             from huggingface_hub.utils import get_session, hf_raise_for_status
             out["method"] = "REST"
-            r = get_session().post(f"{api.endpoint}/api/models/{src}/duplicate",
-                                   headers=api._build_hf_headers(), json={"repository": dst})
-            hf_raise_for_status(r)
-            out["url"] = r.json()["url"]
-            r = get_session().post(f"{api.endpoint}/api/models/{src}/duplicate",
-                                   headers=api._build_hf_headers(), json={"repository": dst})
-            out["again"] = expect_error(lambda: hf_raise_for_status(r))
-        out["src_commits"] = [c.commit_id for c in api.list_repo_commits(src)]
-        out["dst_commits"] = [c.commit_id for c in api.list_repo_commits(dst)]
+            def duplicate():
+                r = get_session().post(f"{api.endpoint}/api/models/{src}/duplicate",
+                                       headers=api._build_hf_headers(), json={"repository": dst})
+                hf_raise_for_status(r)
+                return r.json()["url"]
+            out["url"] = duplicate()
+            out["again"] = expect_error(duplicate)
         out["dst_weights"] = sha256_file(hf_hub_download(dst, "model.safetensors"))
         out["dst_weights_by_sha"] = sha256_file(hf_hub_download(dst, "model.safetensors", revision=out["src_sha"]))
-        new = api.upload_file(path_or_fileobj=b"copy only", path_in_repo="notes.txt", repo_id=dst)
-        out["dst_new"] = new.oid
+        out["dst_new"] = api.upload_file(path_or_fileobj=b"copy only", path_in_repo="notes.txt", repo_id=dst).oid
         out["dst_notes"] = read_text(hf_hub_download(dst, "notes.txt"))
         out["src_notes"] = read_text(hf_hub_download(src, "notes.txt"))
-        out["src_head"] = api.model_info(src).sha
         """,
         args={"src": src, "dst": dst, "folder": str(folder)},
     )
@@ -565,22 +404,96 @@ def test_duplicate_repo(hub, tmp_path):
         assert out["method"] == "HfApi.duplicate_repo"
     assert out["url"] == f"{hub.url}/{dst}"
     assert_error(out["again"], "HfHubHTTPError", 409)
-    assert out["dst_commits"] == out["src_commits"] and out["src_commits"][0] == out["src_sha"]
     digest = sha256_of(folder / "model.safetensors")
     assert out["dst_weights"] == digest and out["dst_weights_by_sha"] == digest
     assert sha256_of(lfs_store_path(hub, dst, digest)) == digest
     assert out["dst_notes"] == "copy only" and out["src_notes"] == "source\n"
-    assert out["src_head"] == out["src_sha"] == hub.git(src, "rev-parse", "main")
-    assert hub.git(dst, "rev-parse", "main") == out["dst_new"]
+    assert hub.git(src, "rev-parse", "main") == out["src_sha"]
     assert hub.git(dst, "rev-parse", "main^") == out["src_sha"]
+    assert hub.git(dst, "rev-list", "main^") == hub.git(src, "rev-list", "main")  # the whole history
 
 
-# --------------------------------------------------------------------------------------------
-# 6. auth (wrong token writes nothing) and error mapping to the client's exception types
-# --------------------------------------------------------------------------------------------
+def test_upload_and_download_with_xet_enabled(hub, tmp_path):
+    """Without HF_HUB_DISABLE_XET (hf_xet installed or not) the clients still upload and download: the server has no
+    Xet, so it asks for every file inline ("regular") and keeps LFS-routed files in its LFS store itself."""
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}\n')
+    write_safetensors(folder / "model.safetensors", seed=7)
+    repo = "tester/xet-not-disabled"
+    out = run_client(
+        hub.url,
+        tmp_path / "hf-home",
+        """
+        from huggingface_hub.utils._runtime import is_xet_available
+        out["xet"] = is_xet_available()
+        repo = ARGS["repo"]
+        api.create_repo(repo)
+        out["sha"] = api.upload_folder(repo_id=repo, folder_path=ARGS["folder"]).oid
+        out["weights"] = sha256_file(hf_hub_download(repo, "model.safetensors", revision=out["sha"]))
+        out["snapshot"] = sorted(os.listdir(snapshot_download(repo, revision=out["sha"])))
+        with open(os.path.join(ARGS["folder"], "config.json"), "w") as f:
+            f.write('{"a": 2}')
+        pr = api.upload_folder(repo_id=repo, folder_path=ARGS["folder"], create_pr=True, commit_message="proposal")
+        out.update(pr_sha=pr.oid, pr_url=pr.pr_url)
+        out["pr_config"] = read_text(hf_hub_download(repo, "config.json", revision="refs/pr/1"))
+        """,
+        args={"repo": repo, "folder": str(folder)},
+        xet=True,
+    )
+    import importlib.util
+
+    assert out["xet"] == (importlib.util.find_spec("hf_xet") is not None)  # the client did not opt out of Xet
+    digest = sha256_of(folder / "model.safetensors")
+    assert out["weights"] == digest and sha256_of(lfs_store_path(hub, repo, digest)) == digest
+    assert hub.git(repo, "cat-file", "-p", f"{out['sha']}:model.safetensors").startswith(LFS_POINTER + digest)
+    assert out["snapshot"] == [".gitattributes", "config.json", "model.safetensors"]
+    # a pull request too (huggingface_hub >= 1 with hf_xet opens it with the discussions endpoint first)
+    assert out["pr_url"] == f"{hub.url}/{repo}/discussions/1" and out["pr_config"] == '{"a": 2}'
+    assert hub.git(repo, "rev-parse", "refs/pr/1") == out["pr_sha"] and hub.git(repo, "rev-parse", "main") == out["sha"]
+    assert hub.git(repo, "log", "-1", "--format=%s", out["pr_sha"]) == "proposal"
+    assert not [r for r in hub.requests if "-token" in r["path"]]  # no Xet token was asked for
+
+
+def test_push_py_with_xet_enabled(hub, tmp_path):
+    """push.py, this project's own client, with Xet left on: a push, then a pull request, no traceback."""
+    from sam_testing import random_stock_sam
+
+    random_stock_sam().save_pretrained(tmp_path / "sam")
+    env = hub_env(hub.url, tmp_path / "home", token=TOKEN)
+    del env["HF_HUB_DISABLE_XET"]
+    repo, shas = "tester/pushed-with-xet", []
+    for extra in ([], ["--create-pr"]):
+        result = subprocess.run([sys.executable, PUSH_SCRIPT, "--source", str(tmp_path / "sam"), "--repo-id", repo,
+                                 *extra], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        shas.append(re.search(r"Committed ([0-9a-f]{40})", result.stdout).group(1))
+    assert hub.git(repo, "rev-parse", "main") == shas[0] and hub.git(repo, "rev-parse", "refs/pr/1") == shas[1]
+    assert hub.git(repo, "cat-file", "-p", f"{shas[0]}:model.safetensors").startswith(LFS_POINTER)
+
+
+def test_datasets_load_dataset_pinned_to_a_sha(hub, tmp_path):
+    """A dataset repo: datasets.load_dataset(repo, revision=sha) reads the files of that commit."""
+    out = run_client(
+        hub.url,
+        tmp_path / "hf-home",
+        """
+        import datasets
+        repo = ARGS["repo"]
+        api.create_repo(repo, repo_type="dataset")
+        shas = [api.upload_file(path_or_fileobj=text.encode(), path_in_repo="data/train.csv", repo_id=repo,
+                                repo_type="dataset").oid for text in ("x,y\\n1,2\\n3,4\\n", "x,y\\n5,6\\n")]
+        out["files"] = sorted(api.list_repo_files(repo, repo_type="dataset", revision=shas[0]))
+        out["rows"] = [datasets.load_dataset(repo, revision=sha, split="train").to_list() for sha in shas]
+        """,
+        args={"repo": "tester/tiny-ds"},
+    )
+    assert out["files"] == [".gitattributes", "data/train.csv"]
+    assert out["rows"] == [[{"x": 1, "y": 2}, {"x": 3, "y": 4}], [{"x": 5, "y": 6}]]
 
 
 def test_auth_and_error_mapping(hub, tmp_path):
+    """A wrong token writes nothing; errors map to the clients' exception types; private repos hide from anonymous."""
     repo, private = "tester/guarded", "tester/private-repo"
     setup = run_client(
         hub.url,
@@ -599,14 +512,13 @@ def test_auth_and_error_mapping(hub, tmp_path):
         hub.url,
         tmp_path / "hf-home-2",
         """
-        from huggingface_hub import CommitOperationAdd
         repo, private = ARGS["repo"], ARGS["private"]
         bad = HfApi(token="hf_wrong_token")
         out["whoami_bad"] = expect_error(lambda: bad.whoami())
         out["upload_bad"] = expect_error(lambda: bad.upload_file(
             path_or_fileobj=b"evil", path_in_repo="a.txt", repo_id=repo))
-        out["lfs_bad"] = expect_error(lambda: bad.create_commit(
-            repo, operations=[CommitOperationAdd("w.safetensors", os.urandom(4096))], commit_message="evil"))
+        out["lfs_bad"] = expect_error(lambda: bad.upload_file(
+            path_or_fileobj=os.urandom(4096), path_in_repo="w.safetensors", repo_id=repo))
         out["create_bad"] = expect_error(lambda: bad.create_repo("tester/never-created"))
         out["branch_bad"] = expect_error(lambda: bad.create_branch(repo, branch="evil"))
         out["read_bad_token_public"] = read_text(hf_hub_download(repo, "a.txt", token="hf_wrong_token"))
@@ -615,7 +527,8 @@ def test_auth_and_error_mapping(hub, tmp_path):
         out["missing_repo_info"] = expect_error(lambda: api.model_info("tester/does-not-exist"))
         out["missing_file"] = expect_error(lambda: hf_hub_download(repo, "nope.txt"))
         out["missing_revision"] = expect_error(lambda: hf_hub_download(repo, "a.txt", revision="no-such-branch"))
-        out["missing_revision_api"] = expect_error(lambda: api.list_repo_commits(repo, revision="no-such-branch"))
+        out["missing_revision_api"] = expect_error(lambda: api.model_info(repo, revision="no-such-branch"))
+        out["missing_sha"] = expect_error(lambda: hf_hub_download(repo, "a.txt", revision="0" * 40))
         out["file_exists"] = [api.file_exists(repo, "a.txt"), api.file_exists(repo, "nope.txt")]
         out["private_anon"] = expect_error(lambda: hf_hub_download(private, "a.txt", token=False))
         out["private_info_anon"] = expect_error(lambda: api.model_info(private, token=False))
@@ -640,23 +553,18 @@ def test_auth_and_error_mapping(hub, tmp_path):
     assert_error(out["missing_file"], "EntryNotFoundError", 404)
     assert_error(out["missing_revision"], "RevisionNotFoundError", 404)
     assert_error(out["missing_revision_api"], "RevisionNotFoundError", 404)
+    assert_error(out["missing_sha"], "RevisionNotFoundError", 404)
     assert out["file_exists"] == [True, False]
     assert_error(out["private_anon"], "RepositoryNotFoundError", 404)
     assert_error(out["private_info_anon"], "RepositoryNotFoundError", 404)
     assert out["private_ok"] == "secret" and out["private_flag"] is True
 
 
-# --------------------------------------------------------------------------------------------
-# 7. the command line entry point
-# --------------------------------------------------------------------------------------------
-
-
 def test_cli_serves_until_sigterm(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, SERVER_SCRIPT, "--root", str(tmp_path / "root"), "--port", "0", "--token", TOKEN],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, SERVER_SCRIPT, "--root", str(tmp_path / "root"), "--port", "0", "--token", TOKEN,
+         "--user", "alice", "--org", "team"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         first = {}
@@ -669,13 +577,16 @@ def test_cli_serves_until_sigterm(tmp_path):
             url,
             tmp_path / "hf-home",
             """
-            out["user"] = api.whoami()["name"]
-            api.create_repo("tester/cli-repo")
-            sha = api.upload_file(path_or_fileobj=b"from cli", path_in_repo="f.txt", repo_id="tester/cli-repo").oid
-            out["content"] = read_text(hf_hub_download("tester/cli-repo", "f.txt", revision=sha))
+            me = api.whoami()
+            out["user"], out["orgs"] = me["name"], [org["name"] for org in me["orgs"]]
+            api.create_repo("team/cli-repo")
+            sha = api.upload_file(path_or_fileobj=b"from cli", path_in_repo="f.txt", repo_id="team/cli-repo").oid
+            out["content"] = read_text(hf_hub_download("team/cli-repo", "f.txt", revision=sha))
+            out["other"] = expect_error(lambda: api.create_repo("tester/not-mine"))
             """,
         )
-        assert out == {**out, "user": "tester", "content": "from cli"}
+        assert (out["user"], out["orgs"], out["content"]) == ("alice", ["team"], "from cli")
+        assert_error(out["other"], "HfHubHTTPError", 403)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert proc.stdout.read() == "" and proc.stderr.read() == ""  # quiet without --verbose
@@ -683,3 +594,89 @@ def test_cli_serves_until_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the server refuses
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_full_sha_always_resolves_to_that_commit(hub):
+    """A branch or tag named like a commit sha would take that sha over: such names are refused, and a 40-hex
+    revision only ever means the commit."""
+    repo = "tester/pinned"
+    assert request(hub, "POST", "/api/repos/create", {"name": repo})[0] == 200
+    old, new = (raw_commit(hub, repo, {"f.txt": content})[1]["commitOid"] for content in (b"old\n", b"new\n"))
+    for kind, payload in (("branch", {"startingPoint": new}), ("tag", {"tag": old})):
+        target = old if kind == "branch" else new
+        status, reply, _ = request(hub, "POST", f"/api/models/{repo}/{kind}/{target}", payload)
+        assert status == 400 and "commit sha" in reply["error"], (kind, reply)
+    assert hub.git(repo, "for-each-ref", "--format=%(refname)").split() == ["refs/heads/main"]
+    status, content, response = request(hub, "GET", f"/{repo}/resolve/{old}/f.txt")
+    assert (status, content, response.getheader("X-Repo-Commit")) == (200, b"old\n", old)
+    status, reply, _ = request(hub, "GET", f"/api/models/{repo}/revision/{old.upper()}")
+    assert status == 200 and reply["sha"] == old
+
+
+@pytest.mark.parametrize("name", ["--file=/etc/hostname", "-dev", "a..b", "a b", "x.lock", "a~1", "a:b", ".hidden",
+                                  "a//b", "trailing/", "@", "x@{1}", "back\\slash", "ctrl\x01"])
+def test_invalid_ref_names_are_refused(hub, name):
+    """Branch and tag names follow git's rules and may not start with '-' (git would read an option)."""
+    repo = "tester/ref-names"
+    request(hub, "POST", "/api/repos/create", {"name": repo})
+    refs_before = hub.git(repo, "for-each-ref", "--format=%(refname)")
+    status, reply, _ = request(hub, "POST", f"/api/models/{repo}/tag/main", {"tag": name, "message": "m"})
+    assert status == 400 and "Invalid reference name" in reply["error"], reply
+    quoted = "".join(c if c.isalnum() or c in "-._~" else f"%{ord(c):02X}" for c in name)
+    status, reply, _ = request(hub, "POST", f"/api/models/{repo}/branch/{quoted}", {})
+    assert status == 400 and "Invalid reference name" in reply["error"], reply
+    assert hub.git(repo, "for-each-ref", "--format=%(refname)") == refs_before
+
+
+@pytest.mark.parametrize("path", ["/api/repos/create", "/api/models/tester/any/commit/main"])
+@pytest.mark.parametrize("token", [None, "hf_wrong_token"])
+def test_unauthenticated_write_is_refused_before_its_body(hub, path, token):
+    """A 1 GiB body announced without the token gets its 401 at once: the server does not wait for (or read) it."""
+    authorization = f"Authorization: Bearer {token}\r\n" if token else ""
+    with socket.create_connection(("127.0.0.1", int(hub.url.rsplit(":", 1)[1])), timeout=10) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           f"{authorization}Content-Length: {1 << 30}\r\n\r\n".encode())
+        status_line = connection.makefile("rb").readline()
+    assert status_line.startswith(b"HTTP/1.1 401 "), status_line
+
+
+def test_writes_are_limited_to_the_users_namespaces(hub):
+    """The token acts as 'tester', a member of the orgs 'forker' and 'upstream': other namespaces get 403."""
+    status, me, _ = request(hub, "GET", "/api/whoami-v2")
+    assert status == 200 and (me["name"], [org["name"] for org in me["orgs"]]) == ("tester", ["forker", "upstream"])
+    for payload in ({"name": "upstream/allowed"}, {"name": "allowed", "organization": "forker"}):
+        assert request(hub, "POST", "/api/repos/create", payload)[0] == 200
+    for payload in ({"name": "stranger/refused"}, {"name": "refused", "organization": "stranger"}):
+        status, reply, _ = request(hub, "POST", "/api/repos/create", payload)
+        assert status == 403 and "stranger/refused" in reply["error"], reply
+    assert not os.path.exists(hub.git_dir("stranger/refused"))
+
+    hub.store.create_repo("model", "stranger/theirs", private=False)  # as if its owner had created it
+    head = hub.git("stranger/theirs", "rev-parse", "main")
+    for path, payload in (("commit/main", None), ("preupload/main", {"files": []}), ("branch/mine", {}),
+                          ("tag/main", {"tag": "mine"})):
+        status, reply, _ = request(hub, "POST", f"/api/models/stranger/theirs/{path}", payload, body=b"")
+        assert status == 403, (path, reply)
+    request(hub, "POST", "/api/repos/create", {"name": "tester/mine"})
+    status, reply, _ = request(hub, "POST", "/api/models/tester/mine/duplicate", {"repository": "stranger/copy"})
+    assert status == 403 and not os.path.exists(hub.git_dir("stranger/copy"))
+    assert hub.git("stranger/theirs", "for-each-ref", "--format=%(refname) %(objectname)") == f"refs/heads/main {head}"
+    # reading is open
+    assert request(hub, "GET", "/api/models/stranger/theirs")[1]["sha"] == head
+
+
+@pytest.mark.parametrize("path", ["../escape.txt", "a/../../b", "/abs.txt", ".git/config", "a//b", "ok\nno"])
+def test_paths_outside_the_repository_are_refused(hub, path):
+    """File paths stay inside the repository: no '..', no absolute path, no .git, no empty parts or control
+    characters."""
+    repo = "tester/paths"
+    request(hub, "POST", "/api/repos/create", {"name": repo})
+    head = hub.git(repo, "rev-parse", "main")
+    status, reply = raw_commit(hub, repo, {path: b"x"})
+    assert status == 400 and "Invalid path" in reply["error"], reply
+    assert hub.git(repo, "rev-parse", "main") == head
