@@ -291,4 +291,7 @@ def _reload_child(request: dict) -> None:
 
 
 if __name__ == "__main__":
+    # Run as a script, Python put this file's folder (the repository root) first on sys.path: drop it, so that none of
+    # the repository's files (compat.py, evaluate.py, ...) can stand in for a library of the same name.
+    sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
     _reload_child(json.loads(sys.argv[1]))
