@@ -182,7 +182,10 @@ def publish_folder(folder: Path, repo_id: str, *, commit_message: str, revision:
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=None if create_pr else revision,
                                    create_pr=create_pr, commit_message=commit_message, allow_patterns=allow_patterns)
     except hub_failure_types() as error:
-        raise hub_failure(f"upload to {repo_id} at {api.endpoint} failed (nothing was committed)", error) from error
+        failure = hub_failure(f"upload to {repo_id} at {api.endpoint} failed (nothing was committed)", error)
+        if "xet" in str(error).lower():  # huggingface_hub uploads through Xet storage unless told otherwise
+            failure = ToolError(f"{failure}. A Hub without Xet storage needs HF_HUB_DISABLE_XET=1 in the environment")
+        raise failure from error
     return PublishedCommit(repo_id=repo_id, sha=commit.oid, url=commit.pr_url or commit.commit_url,
                            pull_request=bool(commit.pr_url))
 

@@ -274,7 +274,7 @@ def push(args) -> None:
         verify(folder, source_model, args.atol)
         if not args.no_push:
             size_mb = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
-            step(f"Uploading {size_mb:.0f} MB to {args.repo_id} in one commit")
+            step(f"Uploading {size_mb:.1f} MB to {args.repo_id} in one commit")
             commit = publish_folder(
                 folder, args.repo_id, revision=args.revision, create_pr=args.create_pr, private=args.private,
                 token=args.token, commit_message=args.commit_message or f"Split q/k/v SAM converted from {args.source}",

@@ -462,6 +462,6 @@ def test_hub_without_xet_support_is_a_clear_message(hub, sources, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "push.py"), "--source", str(sources[0] / "sam-0"),
                              "--repo-id", "tester/xet"], env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        assert_clean_failure(result, tmp_path, "upload to tester/xet")
+        assert_clean_failure(result, tmp_path, "upload to tester/xet", "HF_HUB_DISABLE_XET=1")
     else:
         assert SHA.search(result.stdout)
