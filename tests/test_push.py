@@ -394,9 +394,11 @@ def test_unanswering_hub_times_out_with_a_clear_message(hub, sources, tmp_path, 
         assert not repo_exists(hub, "tester/unanswered")
 
 
-def test_sigterm_during_the_build_cleans_up(sources, tmp_path):
-    """SIGTERM while the build is being verified: exit 143 with a message, no build folder, no output folder, no
-    scratch folder (TMPDIR) left, and the reloading child process is gone too."""
+@pytest.mark.parametrize("signal_number, status, message", [(signal.SIGTERM, 143, "terminated"),
+                                                       (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_during_the_build_cleans_up(sources, tmp_path, signal_number, status, message):
+    """SIGTERM (or Ctrl-C) while the build is being verified: an exit status and a message, no traceback, no build
+    folder, no output folder and no scratch folder (TMPDIR) left."""
     (tmp_path / "tmp").mkdir()
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "push.py"), "--source", str(sources[0] / "sam-0"), "--output-dir",
@@ -407,9 +409,9 @@ def test_sigterm_during_the_build_cleans_up(sources, tmp_path):
         if "reloaded the build" in line:  # the build folder exists and the child runs the model
             break
     assert list(tmp_path.glob(".sam-split-build-*"))
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143 and "terminated" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert process.returncode == status and message in stderr and "Traceback" not in stderr, stderr[-3000:]
     assert not list(tmp_path.glob(".sam-split-build-*")) and not (tmp_path / "out").exists()
     assert not list((tmp_path / "tmp").iterdir())
 
