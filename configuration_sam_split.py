@@ -5,7 +5,33 @@ for `model_type`, which must differ from `"sam"` so that `AutoConfig` picks this
 the built-in one.
 """
 
+from functools import cache
+
 from transformers import SamConfig
+
+# Vision-encoder sizes of the three released SAM checkpoints (facebook/sam-vit-base, -large, -huge); every other size
+# is SamConfig's default, the same in all three. The one table of SAM sizes: push.py, the tests and the benchmarks
+# read it, and the upper limits below are derived from it.
+SAM_SIZES = {
+    "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+    "vit-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]),
+    "vit-huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
+}
+# A size more than this many times its largest value in any released SAM is refused as absurd: such a config (a typo,
+# `1e6` layers) would otherwise make `from_pretrained` allocate for minutes before failing.
+SIZE_LIMIT_FACTOR = 4
+# The integer sizes checked, with their smallest allowed value. A window of 0 makes every vision layer global (SamModel
+# builds that); every other size must be at least 1.
+_SIZE_FIELDS = {
+    "vision_config": {"hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1, "num_channels": 1,
+                      "image_size": 1, "patch_size": 1, "output_channels": 1, "window_size": 0, "mlp_dim": 1,
+                      "num_pos_feats": 1},
+    "prompt_encoder_config": {"hidden_size": 1, "image_size": 1, "patch_size": 1, "mask_input_channels": 1,
+                              "num_point_embeddings": 1},
+    "mask_decoder_config": {"hidden_size": 1, "mlp_dim": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+                            "attention_downsample_rate": 1, "num_multimask_outputs": 1, "iou_head_depth": 1,
+                            "iou_head_hidden_dim": 1},
+}
 
 # Written into every saved config.json, so that the repository loads its own copy of the code (a fork or a pinned
 # revision runs the code that sits beside its weights, never code fetched from another repository).
@@ -31,7 +57,8 @@ class SamSplitConfig(SamConfig):
             Anything else `SamConfig` / `PretrainedConfig` accepts (`initializer_range`, `attn_implementation`, ...).
 
     Raises:
-        `ValueError`: naming the field, its value and what is allowed, when the sizes cannot build a SAM model.
+        `ValueError`: naming the field, its value and what is allowed, when `SamModel` cannot be built or run with
+        the sizes, or one is absurdly large (over `SIZE_LIMIT_FACTOR` times the largest released SAM's).
     """
 
     model_type = "sam_split"
@@ -52,19 +79,37 @@ def _require(condition: bool, field: str, value, allowed: str) -> None:
         raise ValueError(f"SamSplitConfig: `{field}` = {value!r} is invalid: {allowed}.")
 
 
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@cache
+def size_limits() -> dict[str, int]:
+    """{"vision_config.hidden_size": 5120, ...}: `SIZE_LIMIT_FACTOR` times the largest value of each size field among
+    the released SAMs (`SAM_SIZES` on top of `SamConfig`'s defaults)."""
+    configs = [SamConfig(vision_config=sizes) for sizes in SAM_SIZES.values()]
+    return {
+        f"{part}.{name}": SIZE_LIMIT_FACTOR * max(getattr(getattr(config, part), name) for config in configs)
+        for part, fields in _SIZE_FIELDS.items()
+        for name in fields
+    }
 
 
 def check_sam_sizes(config: SamConfig) -> None:
-    """Raise a `ValueError` naming the first field of `config` (a `SamConfig`) that cannot build a SAM model."""
+    """Raise a `ValueError` naming the first field of `config` (a `SamConfig`) that SamModel cannot build or run with,
+    or that is absurdly large (see `SIZE_LIMIT_FACTOR`). Everything SamModel runs with is accepted, e.g. entries of
+    `global_attn_indexes` that name no layer: SamModel ignores them, and SamVisionConfig's default ([2, 5, 8, 11]) has
+    such entries in any model with fewer than 12 layers."""
+    limits = size_limits()
+    for part, fields in _SIZE_FIELDS.items():
+        for name, smallest in fields.items():
+            field, value = f"{part}.{name}", getattr(getattr(config, part), name)
+            _require(_is_int(value) and smallest <= value <= limits[field], field, value,
+                     f"expected an integer from {smallest} to {limits[field]} ({SIZE_LIMIT_FACTOR} times the largest "
+                     "released SAM's)")
     vision = config.vision_config
     prompt = config.prompt_encoder_config
     decoder = config.mask_decoder_config
-    for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "image_size", "patch_size",
-                 "output_channels", "window_size", "mlp_dim"):
-        value = getattr(vision, name)
-        _require(_is_positive_int(value), f"vision_config.{name}", value, "expected a positive integer")
     _require(
         vision.hidden_size % vision.num_attention_heads == 0,
         "vision_config.hidden_size",
@@ -72,19 +117,16 @@ def check_sam_sizes(config: SamConfig) -> None:
         f"must be divisible by vision_config.num_attention_heads ({vision.num_attention_heads})",
     )
     _require(
-        vision.image_size % vision.patch_size == 0,
-        "vision_config.image_size",
-        vision.image_size,
-        f"must be a multiple of vision_config.patch_size ({vision.patch_size})",
+        vision.patch_size <= vision.image_size,
+        "vision_config.patch_size",
+        vision.patch_size,
+        f"must be at most vision_config.image_size ({vision.image_size})",
     )
-    global_indexes = list(vision.global_attn_indexes)
     _require(
-        all(isinstance(i, int) and 0 <= i < vision.num_hidden_layers for i in global_indexes)
-        and len(set(global_indexes)) == len(global_indexes),
+        all(_is_int(index) for index in vision.global_attn_indexes),
         "vision_config.global_attn_indexes",
         vision.global_attn_indexes,
-        f"expected distinct layer indexes in [0, {vision.num_hidden_layers - 1}] (num_hidden_layers="
-        f"{vision.num_hidden_layers})",
+        "expected a list of layer indexes (integers)",
     )
     _require(
         0.0 <= vision.attention_dropout < 1.0,
@@ -92,14 +134,15 @@ def check_sam_sizes(config: SamConfig) -> None:
         vision.attention_dropout,
         "expected a probability in [0, 1)",
     )
-    # The prompt encoder and mask decoder read the image embedding the vision encoder makes: same grid, same width.
-    for name in ("image_size", "patch_size"):
-        _require(
-            getattr(prompt, name) == getattr(vision, name),
-            f"prompt_encoder_config.{name}",
-            getattr(prompt, name),
-            f"must equal vision_config.{name} ({getattr(vision, name)})",
-        )
+    # The prompt encoder's positional grid is added to the image embedding the vision encoder makes: same grid, width.
+    grid = vision.image_size // vision.patch_size
+    _require(
+        prompt.image_size // prompt.patch_size == grid,
+        "prompt_encoder_config.image_size",
+        prompt.image_size,
+        f"prompt_encoder_config.image_size // patch_size ({prompt.image_size} // {prompt.patch_size}) must equal the "
+        f"vision encoder's grid, vision_config.image_size // patch_size ({grid})",
+    )
     for field, value in (("prompt_encoder_config.hidden_size", prompt.hidden_size),
                          ("mask_decoder_config.hidden_size", decoder.hidden_size)):
         _require(
@@ -115,15 +158,17 @@ def check_sam_sizes(config: SamConfig) -> None:
         vision.num_pos_feats,
         f"must be half of vision_config.output_channels ({vision.output_channels})",
     )
-    _require(_is_positive_int(decoder.num_attention_heads), "mask_decoder_config.num_attention_heads",
-             decoder.num_attention_heads, "expected a positive integer")
-    _require(
-        decoder.hidden_size % (decoder.num_attention_heads * decoder.attention_downsample_rate) == 0,
-        "mask_decoder_config.hidden_size",
-        decoder.hidden_size,
-        f"must be divisible by num_attention_heads * attention_downsample_rate "
-        f"({decoder.num_attention_heads} * {decoder.attention_downsample_rate})",
-    )
+    # The mask decoder's attentions split `hidden_size` (self-attention) and `hidden_size // attention_downsample_rate`
+    # (cross-attention) into heads.
+    for width, described in ((decoder.hidden_size, "hidden_size"),
+                             (decoder.hidden_size // decoder.attention_downsample_rate,
+                              "hidden_size // attention_downsample_rate")):
+        _require(
+            width % decoder.num_attention_heads == 0,
+            "mask_decoder_config.num_attention_heads",
+            decoder.num_attention_heads,
+            f"must divide mask_decoder_config.{described} ({width})",
+        )
 
 
-__all__ = ["SamSplitConfig"]
+__all__ = ["SAM_SIZES", "SamSplitConfig"]

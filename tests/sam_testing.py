@@ -3,6 +3,8 @@
 import torch
 from transformers import SamConfig, SamModel
 
+from sam_split.configuration_sam_split import SAM_SIZES
+
 # fp32 parity tolerance between SamSplitModel and stock SamModel on the same weights and inputs.
 ATOL = 1e-5
 
@@ -24,10 +26,23 @@ def tiny_sam_config(**vision_overrides) -> SamConfig:
 
 def vit_base_config() -> SamConfig:
     """The sizes of facebook/sam-vit-base."""
+    return SamConfig(vision_config=SAM_SIZES["vit-base"])
+
+
+def sam_model_tester_config(**vision_overrides) -> SamConfig:
+    """The sizes of transformers' own SamModel tests (`SamModelTester` in tests/models/sam/test_modeling_sam.py): two
+    vision layers with SamVisionConfig's default `global_attn_indexes` ([2, 5, 8, 11]: no layer is global), a 12x12
+    grid of 2-px patches padded to one 14x14 window."""
+    vision = dict(
+        hidden_size=36, output_channels=32, num_hidden_layers=2, num_attention_heads=4, image_size=24, patch_size=2,
+        window_size=14, num_pos_feats=16,
+    )
+    vision.update(vision_overrides)
     return SamConfig(
-        vision_config=dict(
-            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]
-        )
+        vision_config=vision,
+        prompt_encoder_config=dict(hidden_size=32, image_size=vision["image_size"], patch_size=vision["patch_size"],
+                                   mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=32, mlp_dim=64, num_attention_heads=4, iou_head_hidden_dim=32),
     )
 
 

@@ -42,11 +42,8 @@ def test_auto_map_from_a_hub_download_is_made_local_again():
     "vision, field, value",
     [
         (dict(hidden_size=33), "vision_config.hidden_size", "33"),
-        (dict(global_attn_indexes=[1, 3]), "vision_config.global_attn_indexes", "[1, 3]"),
-        (dict(global_attn_indexes=[-1]), "vision_config.global_attn_indexes", "[-1]"),
-        (dict(window_size=0), "vision_config.window_size", "0"),
         (dict(window_size=-2), "vision_config.window_size", "-2"),
-        (dict(image_size=70), "vision_config.image_size", "70"),
+        (dict(patch_size=128), "vision_config.patch_size", "128"),
         (dict(num_pos_feats=16), "vision_config.num_pos_feats", "16"),
         (dict(num_attention_heads=0), "vision_config.num_attention_heads", "0"),
         (dict(attention_dropout=1.5), "vision_config.attention_dropout", "1.5"),
@@ -60,20 +57,61 @@ def test_invalid_values_name_field_value_and_rule(vision, field, value):
     assert f"`{field}` = {value}" in message and "invalid" in message
 
 
+@pytest.mark.parametrize(
+    "vision, field, value, limit",
+    [
+        (dict(num_hidden_layers=10**6), "vision_config.num_hidden_layers", "1000000", 128),
+        (dict(mlp_dim=10**10), "vision_config.mlp_dim", "10000000000", 20480),
+        (dict(hidden_size=6144, num_attention_heads=2), "vision_config.hidden_size", "6144", 5120),
+    ],
+)
+def test_absurd_sizes_are_refused_with_the_limit(vision, field, value, limit):
+    """Limits are 4x the largest released SAM's (vit-huge: 32 layers, MLP 5120, width 1280)."""
+    kwargs = {k: v for k, v in tiny_sam_config(**vision).to_dict().items() if k != "model_type"}
+    with pytest.raises(ValueError, match=rf"`{field}` = {value} is invalid: expected an integer from 1 to {limit} "):
+        SamSplitConfig(**kwargs)
+
+
+def test_global_attn_indexes_must_be_integers():
+    # transformers 4.57 keeps a string index and never matches it, so no layer would be global; 5.x's config refuses it
+    # itself (with huggingface_hub's StrictDataclassFieldValidationError, not a ValueError)
+    kwargs = {k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}
+    kwargs["vision_config"]["global_attn_indexes"] = ["1"]
+    with pytest.raises(Exception, match="global_attn_indexes") as error:
+        SamSplitConfig(**kwargs)
+    if isinstance(error.value, ValueError):
+        assert "expected a list of layer indexes (integers)" in str(error.value)
+
+
+def test_every_transformers_test_config_is_accepted():
+    """transformers' SamModel tests use SamVisionConfig's default global_attn_indexes ([2, 5, 8, 11]) with 2 layers;
+    SamModel ignores indexes that name no layer, and so must we."""
+    from sam_testing import sam_model_tester_config
+
+    stock = sam_model_tester_config()
+    config = SamSplitConfig(**{k: v for k, v in stock.to_dict().items() if k != "model_type"})
+    assert config.vision_config.to_dict() == stock.vision_config.to_dict()
+
+
 def test_prompt_encoder_must_match_vision_encoder():
     kwargs = {k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}
     kwargs["prompt_encoder_config"]["hidden_size"] = 32
     with pytest.raises(ValueError, match=r"prompt_encoder_config.hidden_size.*output_channels \(16\)"):
+        SamSplitConfig(**kwargs)
+    kwargs = {k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}
+    kwargs["prompt_encoder_config"]["image_size"] = 80  # a 5x5 grid against the vision encoder's 4x4
+    with pytest.raises(ValueError, match=r"prompt_encoder_config.image_size` = 80 .*vision encoder's grid.*\(4\)"):
         SamSplitConfig(**kwargs)
 
 
 def test_invalid_config_json_is_refused_on_load(tmp_path):
     SamSplitConfig(**{k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    saved["vision_config"]["global_attn_indexes"] = [7]
+    saved["vision_config"]["num_hidden_layers"] = 10**6  # would build a million layers before failing
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match="global_attn_indexes"):
-        SamSplitConfig.from_pretrained(tmp_path)
+    for config_class in (SamSplitConfig, AutoConfig):
+        with pytest.raises(ValueError, match=r"vision_config.num_hidden_layers` = 1000000"):
+            config_class.from_pretrained(tmp_path)
 
 
 def test_repository_config_json_is_sam_vit_base_split():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, SamModel
 
 from sam_split import SamSplitModel
-from sam_testing import ATOL, max_abs_diff, random_stock_sam, run_python, sample_inputs
+from sam_testing import ATOL, max_abs_diff, random_stock_sam, run_python, sam_model_tester_config, sample_inputs
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,32 @@ def test_from_sam_refuses_what_it_cannot_convert(split_folder, tmp_path):
         SamSplitModel.from_sam(SamSplitModel.from_pretrained(split_folder))
     with pytest.raises(OSError):
         SamSplitModel.from_sam(tmp_path / "does-not-exist")
+
+
+@pytest.mark.parametrize(
+    "vision",
+    [
+        {},  # SamVisionConfig's default global_attn_indexes [2, 5, 8, 11] with 2 layers
+        dict(global_attn_indexes=[1, 1]),
+        dict(global_attn_indexes=[-1]),
+        dict(window_size=0),  # every layer global
+        dict(image_size=25),  # not a multiple of patch_size: the patch embedding drops the last row and column
+    ],
+    ids=["default-global-indexes", "duplicate-index", "negative-index", "window-0", "image-not-patch-multiple"],
+)
+def test_from_sam_takes_every_config_sammodel_builds(vision):
+    """transformers' own SamModel test configs (and other odd ones SamModel builds and runs) convert, and the split
+    model computes what the stock one does."""
+    stock = random_stock_sam(sam_model_tester_config(**vision))
+    model = SamSplitModel.from_sam(stock)
+    assert model.config.vision_config.global_attn_indexes == stock.config.vision_config.global_attn_indexes
+    assert [layer.window_size for layer in model.vision_encoder.layers] == [
+        layer.window_size for layer in stock.vision_encoder.layers
+    ]
+    inputs = sample_inputs(stock.config)
+    with torch.no_grad():
+        expected, actual = stock(**inputs), model(**inputs)
+        assert max_abs_diff(model.get_image_embeddings(inputs["pixel_values"]),
+                            stock.get_image_embeddings(inputs["pixel_values"])) <= ATOL
+    assert max_abs_diff(actual.pred_masks, expected.pred_masks) <= ATOL
+    assert max_abs_diff(actual.iou_scores, expected.iou_scores) <= ATOL

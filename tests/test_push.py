@@ -4,11 +4,18 @@ Every Hub client runs in a child process with its own HF_HOME, so every load sta
 remote-code cache, as on a user's machine.
 """
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,32 +25,13 @@ from transformers import SamModel
 
 from hub_server import HubServer
 from sam_split import SamSplitModel
+from sam_split.hub_tools import Reloaded, max_differences, reload_and_run, sam_outputs
 from sam_split.push import parse_args
 from sam_testing import ATOL, hub_env, max_abs_diff, random_stock_sam, run_python, sample_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_sam_split_test_token"
 SHA = re.compile(r"Committed ([0-9a-f]{40})")
-
-# Loads each requested (repo, revision) in this fresh process and saves what it computed on the inputs.
-LOAD_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
-    from transformers import AutoModel, AutoModelForMaskGeneration
-    requests, inputs_path, results_path = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-    inputs = torch.load(inputs_path)
-    results = {}
-    for name, (repo, revision) in requests.items():
-        for auto_class in (AutoModel, AutoModelForMaskGeneration):
-            model = auto_class.from_pretrained(repo, trust_remote_code=True, revision=revision).eval()
-            assert type(model).__name__ == "SamSplitModel", type(model)
-            with torch.no_grad():
-                outputs = model(**inputs)
-                embeddings = model.vision_encoder(inputs["pixel_values"])[0]
-            variant = getattr(sys.modules[type(model).__module__], "VARIANT", None)
-            results[f"{name}/{auto_class.__name__}"] = (embeddings, outputs.pred_masks, outputs.iou_scores, variant)
-    torch.save(results, results_path)
-""")
-
 
 def run_push(hub, tmp_path, *args, token=TOKEN):
     return subprocess.run(
@@ -53,25 +41,26 @@ def run_push(hub, tmp_path, *args, token=TOKEN):
 
 
 def load_from_hub(hub, tmp_path, requests: dict, inputs: dict, **env) -> dict:
-    """{name: (repo, revision)} -> {name/AutoClass: (embeddings, masks, iou, VARIANT of the code that ran)}"""
+    """{name: (repo, revision)} -> {name/AutoClass: Reloaded}, loaded in one fresh process with its own HF_HOME."""
     home = env.pop("hf_home", tmp_path / f"home-{len(list(tmp_path.iterdir()))}")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    code = f"import sys; sys.argv[1:] = {[json.dumps(requests), str(tmp_path / 'inputs.pt'), str(tmp_path / 'out.pt')]!r}\n"
-    run_python(code + LOAD_SCRIPT, env=hub_env(hub.url, home, token=TOKEN, **env), replace_env=True)
-    return torch.load(tmp_path / "out.pt")
+    return reload_and_run(requests, inputs, env=hub_env(hub.url, home, token=TOKEN, **env),
+                          auto_classes=("AutoModel", "AutoModelForMaskGeneration"))
 
 
-def reference_outputs(model: SamModel, inputs: dict):
-    with torch.no_grad():
-        outputs = model(**inputs)
-        return model.vision_encoder(inputs["pixel_values"])[0], outputs.pred_masks, outputs.iou_scores
+def reference_outputs(model: SamModel, inputs: dict) -> dict:
+    return sam_outputs(model, inputs)
 
 
-def assert_matches(result, reference, variant=None):
-    *tensors, loaded_variant = result
-    for actual, expected in zip(tensors, reference):
-        assert max_abs_diff(actual, expected) <= ATOL
-    assert loaded_variant == variant
+def code_variant(reloaded: Reloaded) -> str | None:
+    """Which copy of the code ran: the (last, so effective) VARIANT appended to its modeling file, if any."""
+    found = re.findall(r"^VARIANT = '(\w+)'$", Path(reloaded.code_file).read_text(), re.MULTILINE)
+    return found[-1] if found else None
+
+
+def assert_matches(result: Reloaded, reference: dict, variant=None):
+    assert result.model_class == "SamSplitModel"
+    assert max(max_differences(result.outputs, reference).values()) <= ATOL
+    assert code_variant(result) == variant
 
 
 def commit_with_client(hub, tmp_path, script: str, **args) -> str:
@@ -124,7 +113,7 @@ def test_push_prints_a_pinnable_sha_that_loads_the_source_exactly(hub, sources, 
             "preprocessor_config.json", "README.md"} <= files
     card = hub.git("tester/sam-tiny-split", "show", f"{sha}:README.md")
     assert "library_name: transformers" in card and "pipeline_tag: mask-generation" in card
-    assert f"base_model: {sources[0] / 'sam-0'}" in card
+    assert "base_model" not in card and str(sources[0]) not in card  # a local path is no Hub model (issue 13)
     inputs = sample_inputs(sources[1][0].config)
     results = load_from_hub(hub, tmp_path, {"pinned": ("tester/sam-tiny-split", sha)}, inputs)
     assert len(results) == 2  # AutoModel and AutoModelForMaskGeneration
@@ -163,7 +152,8 @@ def test_pinned_revision_keeps_first_weights_and_code(hub, sources, first_push, 
     first_reference, second_reference = (reference_outputs(sources[1][seed], inputs) for seed in (0, 1))
     assert_matches(results["first/AutoModel"], first_reference, variant=None)
     assert_matches(results["main/AutoModel"], second_reference, variant="second")
-    assert max_abs_diff(first_reference[0], second_reference[0]) > 1e-2  # the two versions do differ
+    # the two versions do differ
+    assert max_abs_diff(first_reference["image embeddings"], second_reference["image embeddings"]) > 1e-2
 
 
 def test_fork_runs_its_own_code(hub, sources, first_push, tmp_path):
@@ -194,9 +184,9 @@ def test_fork_runs_its_own_code(hub, sources, first_push, tmp_path):
     results = load_from_hub(hub, tmp_path, {"fork": ("forker/sam-tiny-split", fork_sha),
                                             "upstream": ("tester/sam-tiny-split", upstream_sha),
                                             "reupload": ("forker/sam-tiny-split-reupload", "main")}, inputs)
-    *upstream_tensors, upstream_variant = results["upstream/AutoModel"]
-    assert upstream_variant != "fork"
-    assert_matches(results["fork/AutoModel"], upstream_tensors, variant="fork")  # same weights, the fork's code
+    assert code_variant(results["upstream/AutoModel"]) != "fork"
+    # same weights, the fork's code
+    assert_matches(results["fork/AutoModel"], results["upstream/AutoModel"].outputs, variant="fork")
     assert_matches(results["reupload/AutoModelForMaskGeneration"], reference_outputs(sources[1][0], inputs))
 
 
@@ -230,6 +220,7 @@ def test_hub_source_branch_and_pull_request(hub, sources, tmp_path):
     branch_sha = SHA.search(result.stdout).group(1)
     assert hub.git("tester/sam-tiny-branch", "rev-parse", "dev") == branch_sha
     assert json.loads(hub.git("tester/sam-tiny-branch", "show", f"{branch_sha}:preprocessor_config.json")) == preprocessor
+    assert "base_model: upstream/sam-tiny\n" in hub.git("tester/sam-tiny-branch", "show", f"{branch_sha}:README.md")
     main_sha = hub.git("tester/sam-tiny-branch", "rev-parse", "main")
     result = run_push(hub, tmp_path, "--source", "upstream/sam-tiny", "--repo-id", "tester/sam-tiny-branch",
                       "--create-pr", "--commit-message", "proposal")
@@ -307,6 +298,12 @@ def test_no_push_output_dir_and_argument_errors(sources, tmp_path, capsys):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "Verified against the source" in result.stdout  # the sharded build was reloaded and compared
+    # every long step says what it starts, as it starts
+    progress = ["Loading the source", "Splitting qkv", "Writing the repository", "Verifying: reloading",
+                "reloaded the build with AutoModel (SamSplitModel) in", "ran the build in",
+                "Computing the source's outputs", "Verified against the source in", "Repository written to"]
+    positions = [result.stdout.find(text) for text in progress]
+    assert -1 not in positions and positions == sorted(positions), result.stdout
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     assert {"README.md", "config.json", "configuration_sam_split.py", "modeling_sam_split.py",
@@ -319,8 +316,155 @@ def test_no_push_output_dir_and_argument_errors(sources, tmp_path, capsys):
         (["--source", "x", "--repo-id", "no-namespace"], "must look like 'namespace/name'"),
         (["--source", "x", "--output-dir", str(out), "--no-push"], "exists and is not empty"),
         (["--source", "x", "--repo-id", "a/b", "--revision", "dev", "--create-pr"], "drop --revision"),
+        (["--source", "x", "--repo-id", "a/b", "--token", ""], "--token is empty"),
+        (["--source", "x", "--output-dir", str(out / "config.json"), "--no-push"], "exists and is not a folder"),
+        (["--source", str(out), "--source-revision", "v1", "--repo-id", "a/b"], "--source-revision is for Hub ids"),
         (["--source", "random:vit-tiny", "--output-dir", str(tmp_path / "x"), "--no-push"], "expected one of random:vit-base"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             parse_args(args)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, args
+
+
+@contextlib.contextmanager
+def unanswering_hub(upstream: str | None = None, silent_from: bytes = b""):
+    """A server on 127.0.0.1 that accepts connections and never answers; with `upstream` (a URL), a proxy to it that
+    goes silent on a connection from the moment its client sends `silent_from` (e.g. the commit request). Yields its
+    URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def pipe(source, destination, watch: bool, silenced: threading.Event):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if watch and silent_from and silent_from in data:
+                    silenced.set()
+                if not silenced.is_set():
+                    destination.sendall(data)
+
+    def serve():
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                connections.append(client)
+                if upstream is None:
+                    continue  # accepted, never read, never answered
+                server = socket.create_connection(("127.0.0.1", int(upstream.rsplit(":", 1)[1])))
+                connections.append(server)
+                silenced = threading.Event()
+                threading.Thread(target=pipe, args=(client, server, True, silenced), daemon=True).start()
+                threading.Thread(target=pipe, args=(server, client, False, silenced), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        for open_socket in [listener, *connections]:
+            with contextlib.suppress(OSError):
+                open_socket.shutdown(socket.SHUT_RDWR)
+            open_socket.close()
+
+
+def assert_clean_failure(result, tmp_path, *expected):
+    """Exit status 1, one `error:` line naming the reason, no traceback, no folder left behind."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and all(text in errors[0] for text in expected), result.stderr[-3000:]
+    assert not list(tmp_path.rglob(".sam-split-build-*")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("when", ["from the start", "at the commit"])
+def test_unanswering_hub_times_out_with_a_clear_message(hub, sources, tmp_path, when):
+    upstream = hub.url if when == "at the commit" else None
+    with unanswering_hub(upstream, silent_from=b"/commit/") as url:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "push.py"), "--source", str(sources[0] / "sam-0"), "--repo-id",
+             "tester/unanswered", "--output-dir", str(tmp_path / "out"), "--timeout", "2"],
+            env=hub_env(url, tmp_path / "home", token=TOKEN), capture_output=True, text=True, timeout=300,
+        )
+        elapsed = time.monotonic() - started
+    assert_clean_failure(result, tmp_path)
+    assert re.search(r"[Tt]imeout|timed out", result.stderr), result.stderr[-3000:]
+    assert elapsed < 120  # a few 2 s timeouts (huggingface_hub retries some requests), not forever
+    if when == "at the commit":
+        assert "Verified against the source" in result.stdout and "upload to tester/unanswered" in result.stderr
+        assert "Split q/k/v" not in hub.git("tester/unanswered", "log", "--all", "--format=%s")
+    else:
+        assert not repo_exists(hub, "tester/unanswered")
+
+
+@pytest.mark.parametrize("signal_number, status, message", [(signal.SIGTERM, 143, "terminated"),
+                                                       (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_during_the_build_cleans_up(sources, tmp_path, signal_number, status, message):
+    """SIGTERM (or Ctrl-C) while the build is being verified: an exit status and a message, no traceback, no build
+    folder, no output folder and no scratch folder (TMPDIR) left."""
+    (tmp_path / "tmp").mkdir()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "push.py"), "--source", str(sources[0] / "sam-0"), "--output-dir",
+         str(tmp_path / "out"), "--no-push"],
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stdout:
+        if "reloaded the build" in line:  # the build folder exists and the child runs the model
+            break
+    assert list(tmp_path.glob(".sam-split-build-*"))
+    process.send_signal(signal_number)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status and message in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not list(tmp_path.glob(".sam-split-build-*")) and not (tmp_path / "out").exists()
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def truncate_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def misshape_weights(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = load_file(folder / "model.safetensors")
+    name = "vision_encoder.layers.0.attn.qkv.weight"
+    weights[name] = weights[name][:-3]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case", ["hub down", "truncated weights", "mis-shaped weights", "read-only output parent"])
+def test_failures_exit_with_one_clear_message(hub, sources, tmp_path, case):
+    source = tmp_path / "source"
+    shutil.copytree(sources[0] / "sam-0", source)
+    output_dir = tmp_path / "out"
+    url, expected = hub.url, "cannot load it as a stock SAM checkpoint"
+    if case == "hub down":
+        with socket.create_server(("127.0.0.1", 0)) as closed:
+            url = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
+        expected = "could not be reached"
+    elif case == "truncated weights":
+        truncate_weights(source)
+    elif case == "mis-shaped weights":
+        misshape_weights(source)
+    else:
+        output_dir = Path("/proc/sam-split-out")  # a folder no one may write in, root included
+        expected = "cannot write beside /proc/sam-split-out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "push.py"), "--source", str(source), "--repo-id", "tester/failures",
+         "--output-dir", str(output_dir)],
+        env=hub_env(url, tmp_path / "home", token=TOKEN), capture_output=True, text=True, timeout=600,
+    )
+    assert_clean_failure(result, tmp_path, expected)
+    assert not repo_exists(hub, "tester/failures")
+
+
+def test_hub_without_xet_support_is_a_clear_message(hub, sources, tmp_path):
+    """huggingface_hub uploads through Xet unless HF_HUB_DISABLE_XET=1; a Hub without Xet (like tests/hub_server.py
+    before it answered Xet requests) must give a clear message, never a traceback."""
+    env = hub_env(hub.url, tmp_path / "home", token=TOKEN)
+    del env["HF_HUB_DISABLE_XET"]
+    result = subprocess.run([sys.executable, str(ROOT / "push.py"), "--source", str(sources[0] / "sam-0"),
+                             "--repo-id", "tester/xet"], env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        assert_clean_failure(result, tmp_path, "upload to tester/xet", "HF_HUB_DISABLE_XET=1")
+    else:
+        assert SHA.search(result.stdout)
