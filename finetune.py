@@ -53,15 +53,17 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from sam_split import SamSplitModel
-from sam_split.compat import sam_processor
+from sam_split.compat import hub_failure_types, sam_processor, set_hub_timeout
 from sam_split.data import add_data_arguments, data_options, open_source, scan
 from sam_split.evaluation import (PromptedImages, collate, decode_masks, evaluate, mask_grid_size, object_losses,
                                   summarize)
+from sam_split.hub_tools import ToolError, atomic_output_dir, publish_folder
 from sam_split.visualize import overlay, plot_curves
 
 CHECKPOINTS = "checkpoints"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 DECODER = "mask_decoder"
+HUB_TIMEOUT_S = 60  # an unanswered Hub request fails after this long instead of hanging the run
 # Scores `--metric-for-best` can choose from (all from full-resolution validation); lower is better only for loss.
 BEST_METRICS = ("dice", "iou", "image_dice", "image_iou", "loss")
 # The base is loaded through transformers' AutoModel (its repo carries the code, `auto_map`), so that
@@ -85,7 +87,7 @@ def resolve_base(model: str, revision: str | None) -> tuple[str, str | None]:
 
     try:
         sha = HfApi().model_info(model, revision=revision).sha
-    except Exception as error:
+    except hub_failure_types() as error:
         raise SystemExit(f"error: cannot resolve {model}@{revision or 'main'} on the Hub: {error}") from error
     return model, sha
 
@@ -279,37 +281,26 @@ def model_card(base_name: str, base_revision: str | None, repo_name: str, licens
 
 
 def save_adapter(model, output_dir: Path, card: str):
-    """Write the adapter files into OUT: built in a temporary folder, then moved in with `adapter_config.json` last
-    (and removed first), so OUT never holds a config next to another run's or a half-written weights file."""
+    """Write the adapter files into OUT, moved in from a temporary folder with `adapter_config.json` last (and removed
+    first), so OUT never holds a config next to another run's or a half-written weights file."""
     if not all_finite(trainable_state(model).values()):
         raise SystemExit("error: trainable weights are not finite; not saving the adapter")
-    partial = output_dir / ".adapter.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(str(partial))
-    config_path = partial / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "auto_mapping": AUTO_MAPPING},
-                                      indent=2, sort_keys=True))
-    (partial / "README.md").write_text(card)
-    (output_dir / "adapter_config.json").unlink(missing_ok=True)
-    for name in ("adapter_model.safetensors", "README.md", "adapter_config.json"):
-        os.replace(partial / name, output_dir / name)
-    shutil.rmtree(partial)
+    with atomic_output_dir(output_dir, existing="update", last="adapter_config.json", prefix=".adapter-") as build:
+        model.save_pretrained(str(build))
+        config_path = build / "adapter_config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "auto_mapping": AUTO_MAPPING},
+                                          indent=2, sort_keys=True))
+        (build / "README.md").write_text(card)
 
 
 def push_adapter(output_dir: Path, repo: str, message: str) -> str:
-    from huggingface_hub import HfApi
-
-    api = HfApi()
     try:
-        api.create_repo(repo, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=str(output_dir), allow_patterns=list(ADAPTER_FILES),
-                                 commit_message=message)
-    except Exception as error:
-        raise SystemExit(f"error: pushing to {repo} failed ({type(error).__name__}: {error}).\nThe adapter is complete "
-                         f"in {output_dir}; publish it again with:\n  python finetune.py --output-dir {output_dir} "
-                         f"--publish-only --push-to {repo}") from None
-    print(f"pushed adapter to {repo} at revision {info.oid}\n  {info.commit_url}")
-    return info.oid
+        commit = publish_folder(output_dir, repo, commit_message=message, allow_patterns=list(ADAPTER_FILES))
+    except ToolError as error:
+        raise SystemExit(f"error: {error}.\nThe adapter is complete in {output_dir}; publish it again with:\n"
+                         f"  python finetune.py --output-dir {output_dir} --publish-only --push-to {repo}") from None
+    print(f"pushed adapter to {repo} at revision {commit.sha}\n  {commit.url}")
+    return commit.sha
 
 
 def verification_batch(config) -> dict:
@@ -333,11 +324,9 @@ def merge_to_sam(model: PeftModel, processor, target: Path):
     tolerance = 1e-4 * max(1.0, expected.abs().max().item())
     if difference > tolerance:
         raise RuntimeError(f"merged SamModel differs from the adapted model by {difference:.2e} > {tolerance:.1e}")
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    sam.save_pretrained(str(partial))
-    processor.save_pretrained(str(partial))
-    partial.rename(target)
+    with atomic_output_dir(target, existing="replace", prefix=".merged-") as build:
+        sam.save_pretrained(str(build))
+        processor.save_pretrained(str(build))
     print(f"merged stock SamModel saved to {target} (max |diff| vs adapter {difference:.1e})")
 
 
@@ -542,6 +531,7 @@ def main(argv=None) -> PeftModel:
     """Train; return the trained `PeftModel` (unwrapped) for callers that go on using it."""
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
+    set_hub_timeout(HUB_TIMEOUT_S)
     if args.publish_only:
         return publish_finished(output_dir, args.push_to, args.merge_to_sam)
     accelerator = Accelerator(

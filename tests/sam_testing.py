@@ -3,8 +3,6 @@
 import torch
 from transformers import SamConfig, SamModel
 
-from sam_split.configuration_sam_split import SAM_SIZES
-
 # fp32 parity tolerance between SamSplitModel and stock SamModel on the same weights and inputs.
 ATOL = 1e-5
 
@@ -26,6 +24,8 @@ def tiny_sam_config(**vision_overrides) -> SamConfig:
 
 def vit_base_config() -> SamConfig:
     """The sizes of facebook/sam-vit-base."""
+    from sam_split.configuration_sam_split import SAM_SIZES  # here: some child processes prove the package is absent
+
     return SamConfig(vision_config=SAM_SIZES["vit-base"])
 
 

@@ -528,7 +528,8 @@ torch.save(logits, {str(outputs)!r})
 print("BASE", base_sha)
 """
         printed = run_python(train, env, replace_env=True)
-        assert "PUSH FAILED error: pushing to tester/sam-adapter failed" in printed
+        assert re.search(r"PUSH FAILED error: upload to tester/sam-adapter at \S+ failed \(nothing was committed\): "
+                         r"HfHubHTTPError: .*401", printed)
         assert f"--output-dir {tmp_path / 'out'} --publish-only --push-to tester/sam-adapter" in printed
         base_sha = re.search(r"BASE ([0-9a-f]+)", printed).group(1)
         adapter_sha = re.search(r"pushed adapter to tester/sam-adapter at revision (\S+)", printed).group(1)
