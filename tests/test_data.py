@@ -469,25 +469,33 @@ def test_dataset_label_column_and_bad_rows(tmp_path):
                                      "for a void value)"}
 
 
+def push_shapes_twice(repo_id: str, folder: Path) -> list:
+    """Push `shapes_dataset()` as parquet to the Hub at HF_ENDPOINT as dataset `repo_id`, then its rows twice over:
+    the two commit shas (3 rows, then 6). Run in a child process with `hub_env`."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    dataset, _ = shapes_dataset()
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset")
+    shas, parquet = [], Path(folder) / "train.parquet"
+    for rows in (dataset, datasets.concatenate_datasets([dataset, dataset])):
+        rows.to_parquet(str(parquet))
+        shas.append(api.upload_file(path_or_fileobj=str(parquet), repo_type="dataset", repo_id=repo_id,
+                                    path_in_repo="data/train-00000-of-00001.parquet").oid)
+    return shas
+
+
 def test_hub_dataset_id_pinned_to_a_revision(tmp_path):
     """A dataset pushed to the local Hub server twice, read by id at the first commit's sha."""
     from hub_server import HubServer
 
     code = f"""
 import json, sys
-import datasets
-from huggingface_hub import HfApi
 sys.path.insert(0, {str(TESTS)!r})
 from sam_split.data import DataOptions
-from test_data import DATASET_OPTIONS, scanned, shapes_dataset
-dataset, _ = shapes_dataset()
-api = HfApi()
-api.create_repo("tester/leaves", repo_type="dataset")
-shas = []
-for rows in (dataset, datasets.concatenate_datasets([dataset, dataset])):
-    rows.to_parquet({str(tmp_path / "train.parquet")!r})
-    shas.append(api.upload_file(path_or_fileobj={str(tmp_path / "train.parquet")!r}, repo_type="dataset",
-                                path_in_repo="data/train-00000-of-00001.parquet", repo_id="tester/leaves").oid)
+from test_data import DATASET_OPTIONS, push_shapes_twice, scanned
+shas = push_shapes_twice("tester/leaves", {str(tmp_path)!r})
 options = DataOptions(**{{**DATASET_OPTIONS.__dict__, "revision": shas[0]}})
 source, images, log = scanned("tester/leaves", options)
 print(json.dumps({{"shas": shas, "describe": source.describe(), "objects": sum(len(i.objects) for i in images)}}))
