@@ -81,6 +81,7 @@ RE_FULL_SHA = re.compile(r"[0-9a-fA-F]{40}")
 RE_SHORT_SHA = re.compile(r"[0-9a-f]{5,39}")
 RE_SHA256 = re.compile(r"[0-9a-f]{64}")
 RE_PR_REF = re.compile(r"refs/pr/(\d+)")
+RE_LOOPBACK_HOST = re.compile(r"(127\.\d{1,3}\.\d{1,3}\.\d{1,3}|localhost|\[::1\]):\d{1,5}")
 
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
@@ -524,7 +525,12 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def repo_url(self, repo_type, repo_id):
-        return f"http://{HOST}:{self.server.server_address[1]}/{URL_PREFIX[repo_type]}{repo_id}"
+        """The repository's URL as the client addressed this server (a proxy in front of it included): clients check
+        that it starts with their endpoint. Only a loopback Host header is echoed; anything else gets our own address."""
+        host = self.headers.get("Host", "")
+        if not RE_LOOPBACK_HOST.fullmatch(host):
+            host = f"{HOST}:{self.server.server_address[1]}"
+        return f"http://{host}/{URL_PREFIX[repo_type]}{repo_id}"
 
     # ---- auth ----------------------------------------------------------------------------------------------------
 
