@@ -13,7 +13,8 @@ dense `(batch_size, nHead, HW, HW)` mask for a whole batch:
 - `eager_attention`: the textbook computation, returning the attention weights (`attn_implementation="eager"`).
 
 `choose_kernel` is the policy: a pure function of what is known at call time, chosen from measurements (README,
-benchmarks). `SAM_SPLIT_ATTENTION=chunked|folded` in the environment overrides it, to compare or bisect.
+benchmarks). `SAM_SPLIT_ATTENTION=chunked|folded` in the environment overrides it, to compare or bisect;
+`SAM_SPLIT_CPU_MASK_MIB` sets the CPU chunk size (`benchmarks/bench_chunks.py` measures it).
 Only torch is imported: this file travels to the Hub with the model code.
 """
 
@@ -25,9 +26,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Most bias values per SDPA call on a CPU: 4 MiB in fp32, still in cache when SDPA reads it (2 CPU cores, vit-base,
-# per global layer: these chunks 0.315 s, 64 MiB chunks 0.52 s, a ready full mask 0.306 s).
-CPU_MASK_NUMEL = 2**20
+# Most bias values per SDPA call on a CPU: 4 MiB in fp32, the fastest on a quiet 2-core machine (vit-base, per global
+# / windowed layer: 1 MiB 346 / 25 ms, 4 MiB 316 / 24 ms, 16 MiB 328 / 30 ms, 64 MiB 533 / 42 ms). Beside other busy
+# processes fewer, larger calls win (16 MiB: 18% / 63% faster than 4 MiB): SAM_SPLIT_CPU_MASK_MIB=16 chooses that.
+def _cpu_mask_numel(setting: str | None) -> int:
+    try:
+        mib = float(setting or 4)
+    except ValueError:
+        mib = 0.0
+    if not 0 < mib < 2**20:  # also refuses nan and inf
+        raise ValueError(f"SAM_SPLIT_CPU_MASK_MIB={setting!r}: expected a positive number of MiB (default 4).")
+    return max(1, int(mib * 2**18))  # fp32 values
+
+
+CPU_MASK_NUMEL = _cpu_mask_numel(os.environ.get("SAM_SPLIT_CPU_MASK_MIB"))
 # ... and on other devices: one vit-base image's global-layer bias (12 x 4096 x 4096) per call, so a GPU runs a few
 # large kernels (thousands of small ones were 6-14x slower than stock on an H200) with 1/batch_size of stock's mask.
 DEVICE_MASK_NUMEL = 12 * 4096 * 4096

@@ -119,9 +119,12 @@ def test_policy_can_be_forced_and_refuses_what_it_cannot_do():
         kernels.choose_kernel("cpu", torch.float32, False, 0.0, 4096, forced="flash")
     with pytest.raises(ValueError, match="cannot draw attention dropout"):
         kernels.choose_kernel("cpu", torch.float32, True, 0.1, 4096, forced="chunked")
-    output = run_python("import sam_split.attention_sam_split as k; print(k.FORCED_KERNEL)",
-                        env={"SAM_SPLIT_ATTENTION": "folded"})
-    assert output.strip() == "folded"
+    output = run_python("import sam_split.attention_sam_split as k; print(k.FORCED_KERNEL, k.CPU_MASK_NUMEL)",
+                        env={"SAM_SPLIT_ATTENTION": "folded", "SAM_SPLIT_CPU_MASK_MIB": "16"})
+    assert output.split() == ["folded", str(2**22)]
+    for setting in ("0", "-4", "abc", "nan"):
+        with pytest.raises(ValueError, match=f"SAM_SPLIT_CPU_MASK_MIB='{setting}': expected a positive number of MiB"):
+            kernels._cpu_mask_numel(setting)
 
 
 PATHS = ("sdpa", "sdpa-with-grad", "eager", "checkpointed-training")
