@@ -157,7 +157,7 @@ def test_gradient_checkpointing_gives_stock_gradients(impl):
 
 def test_vit_base_shape_at_1024():
     """One test on the real sam-vit-base shape: 64x64 patch grid, 14x14 windows padded to 70, global layers. Stock runs
-    its eager path, ours the default folded-SDPA one; each encoder runs once (~10 s each here)."""
+    its eager path, ours the default sdpa one (on a CPU the chunked kernel); each encoder runs once (~10 s each here)."""
     reference = random_stock_sam(vit_base_config(), attn_implementation="eager")
     model = SamSplitModel.from_sam(reference)  # takes over the source's "eager"...
     model.set_attn_implementation("sdpa")  # ...so switch to the default, memory-lean path
