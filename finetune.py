@@ -55,9 +55,10 @@ from tqdm.auto import tqdm
 from sam_split import SamSplitModel
 from sam_split.compat import hub_failure_types, sam_processor, set_hub_timeout
 from sam_split.data import add_data_arguments, data_options, open_source, scan
-from sam_split.evaluation import (PromptedImages, collate, decode_masks, evaluate, mask_grid_size, object_losses,
+from sam_split.evaluation import (PromptedImages, collate, evaluate, mask_grid_size, object_losses,
                                   summarize)
-from sam_split.hub_tools import ToolError, atomic_output_dir, publish_folder
+from sam_split.hub_tools import (ToolError, atomic_output_dir, max_differences, publish_folder, sam_outputs,
+                                 verification_inputs)
 from sam_split.visualize import overlay, plot_curves
 
 CHECKPOINTS = "checkpoints"
@@ -303,27 +304,18 @@ def push_adapter(output_dir: Path, repo: str, message: str) -> str:
     return commit.sha
 
 
-def verification_batch(config) -> dict:
-    """A fixed random image with one box prompt, to compare a merged model's masks with the adapter's."""
-    size = config.vision_config.image_size
-    generator = torch.Generator().manual_seed(0)
-    return {"pixel_values": torch.randn(1, 3, size, size, generator=generator),
-            "input_boxes": torch.tensor([[[size * 0.2, size * 0.25, size * 0.7, size * 0.8]]])}
-
-
 def merge_to_sam(model: PeftModel, processor, target: Path):
     """Merge the adapter into a copy of the base, convert to a stock `SamModel`, check its outputs, save atomically."""
     model.eval()
     merged = copy.deepcopy(model).merge_and_unload()
     sam = merged.to_sam()
-    batch = {k: v.to(model.device) for k, v in verification_batch(model.config).items()}
-    with torch.no_grad():
-        expected, _ = decode_masks(model, batch)
-        got, _ = decode_masks(sam, batch)
-    difference = (expected - got).abs().max().item()
-    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
+    inputs = {name: tensor.to(model.device) for name, tensor in verification_inputs(model.config).items()}
+    expected = sam_outputs(model, inputs)
+    differences = max_differences(sam_outputs(sam, inputs), expected)
+    difference = max(differences.values())
+    tolerance = 1e-4 * max(1.0, max(tensor.abs().max().item() for tensor in expected.values()))
     if difference > tolerance:
-        raise RuntimeError(f"merged SamModel differs from the adapted model by {difference:.2e} > {tolerance:.1e}")
+        raise RuntimeError(f"merged SamModel differs from the adapted model: {differences} > {tolerance:.1e}")
     with atomic_output_dir(target, existing="replace", prefix=".merged-") as build:
         sam.save_pretrained(str(build))
         processor.save_pretrained(str(build))
