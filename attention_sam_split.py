@@ -10,6 +10,10 @@ dense `(batch_size, nHead, HW, HW)` mask for a whole batch:
 - "folded" (`folded_attention`): the bias folded into the dot product, so SDPA runs without a mask on its flash kernel,
   forward and backward, dropout included; ~3x the attention FLOPs of a global layer, but the fastest half-precision
   path on a GPU.
+- "dense" (`dense_attention`): SDPA with the whole bias as one mask, stock SAM's computation, no custom op. Taken
+  only while the model is being exported (`torch.export`, `torch.onnx.export`): the chunked custom op has no ONNX
+  translation ("No ONNX function found"), and a graph cannot keep a Python chunk loop short; the dense graph is the
+  one that stock SAM exports, and onnxruntime runs it equal to PyTorch (export_onnx.py verifies every export).
 - `eager_attention`: the textbook computation, returning the attention weights (`attn_implementation="eager"`).
 
 `choose_kernel` is the policy: a pure function of what is known at call time, chosen from measurements (README,
@@ -25,10 +29,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-# Most bias values per SDPA call on a CPU: 4 MiB in fp32, the fastest on a quiet 2-core machine (vit-base, per global
-# / windowed layer: 1 MiB 346 / 25 ms, 4 MiB 316 / 24 ms, 16 MiB 328 / 30 ms, 64 MiB 533 / 42 ms). Beside other busy
-# processes fewer, larger calls win (16 MiB: 18% / 63% faster than 4 MiB): SAM_SPLIT_CPU_MASK_MIB=16 chooses that.
+
+# Most bias values per SDPA call on a CPU: 4 MiB in fp32, the fastest on a quiet 2-core machine; beside other busy
+# processes fewer, larger calls win, and SAM_SPLIT_CPU_MASK_MIB=16 chooses those (measurements: benchmarks/README.md,
+# "CPU chunk size").
 def _cpu_mask_numel(setting: str | None) -> int:
     try:
         mib = float(setting or 4)
@@ -45,7 +51,7 @@ CPU_MASK_NUMEL = _cpu_mask_numel(os.environ.get("SAM_SPLIT_CPU_MASK_MIB"))
 DEVICE_MASK_NUMEL = 12 * 4096 * 4096
 # Attention over at most this many tokens (SAM's 14x14 windows: 196) is cheap enough with the bias as mask.
 SMALL_ATTENTION_TOKENS = 1024
-KERNELS = ("chunked", "folded")
+KERNELS = ("chunked", "folded")  # what SAM_SPLIT_ATTENTION may force; "dense" is for exports only
 FORCED_KERNEL = os.environ.get("SAM_SPLIT_ATTENTION") or None
 
 
@@ -58,21 +64,26 @@ class AttentionPlan:
 
 
 def choose_kernel(
-    device_type: str, dtype: torch.dtype, needs_grad: bool, dropout: float, tokens: int, forced: str | None = None
+    device_type: str, dtype: torch.dtype, needs_grad: bool, dropout: float, tokens: int, forced: str | None = None,
+    exporting: bool = False,
 ) -> AttentionPlan:
     """The kernel for one attention call over `tokens` tokens per window (or image, in a global layer).
 
+    - Exporting a graph (`exporting`, see `attention`): dense, whatever else holds (SAM_SPLIT_ATTENTION included): the
+      graph must hold standard operators only, and dense is stock SAM's own graph.
     - Attention dropout: folded, the only kernel that draws it (the chunked backward recomputes the probabilities).
     - CPU: chunked in cache-sized chunks, forward and backward (measured faster than stock's single mask, and the
       chunked backward keeps training off SDPA's math kernel).
-    - CUDA, fp16/bf16, training or large attention: folded, on the flash kernel (H200, bf16, batch 8, global layer,
-      forward / forward+backward: 2.7 / 11.9 ms against stock's 5.5 / 31.2 ms; windowed training 2.7 against 3.5 ms).
+    - CUDA, fp16/bf16, training or large attention: folded, on the flash kernel (measured on an H200 about twice as
+      fast as stock's mask, forward and backward: benchmarks/README.md, "GPU").
     - Anything else (CUDA fp32, which has no flash kernel for the folded 192-wide heads; half-precision inference over
       small windows; other devices): chunked, one image's bias per call: stock's FLOPs and kernels, bounded memory.
     """
     forced = forced if forced is not None else FORCED_KERNEL
     if forced is not None and forced not in KERNELS:
         raise ValueError(f"SAM_SPLIT_ATTENTION={forced!r}: expected one of {', '.join(KERNELS)} (or unset for auto).")
+    if exporting:
+        return AttentionPlan("dense")
     if dropout > 0:
         if forced == "chunked":
             raise ValueError("SAM_SPLIT_ATTENTION=chunked cannot draw attention dropout: unset it or use 'folded'.")
@@ -97,10 +108,27 @@ def attention(query, key, value, rel_h, rel_w, scale: float, dropout: float = 0.
         return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale)
     tensors = (query, key, value, rel_h, rel_w)
     needs_grad = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
-    plan = choose_kernel(query.device.type, query.dtype, needs_grad, dropout, query.shape[-2])
+    plan = choose_kernel(query.device.type, query.dtype, needs_grad, dropout, query.shape[-2], exporting=_exporting())
+    if plan.kernel == "dense":
+        return dense_attention(*tensors, scale, dropout)
     if plan.kernel == "folded":
         return folded_attention(*tensors, scale, dropout)
     return chunked_attention(*tensors, scale, plan.mask_numel)
+
+
+def _exporting() -> bool:
+    """Whether a graph exporter is tracing this call: `torch.export` (under `torch.onnx.export(dynamo=True)`, the
+    default) or the TorchScript-based `torch.onnx.export(dynamo=False)`. `torch.compile` is not exporting: it keeps
+    the custom op as one graph node and runs it."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def dense_attention(query, key, value, rel_h, rel_w, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """Stock SAM's SDPA computation: the whole `(batch_size, nHead, HW, HW)` bias as one mask; standard operators
+    only, so graph exporters translate it (see `choose_kernel`)."""
+    batch_size, num_heads, height, width, _ = rel_h.shape
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch_size, num_heads, height * width, height * width)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
 
 
 def eager_attention(query, key, value, rel_h, rel_w, scale: float, dropout: float = 0.0):
@@ -211,16 +239,22 @@ def chunked_attention_backward(
     head_dim width and no `(HW, HW)` tensor beyond the chunk. (torch's flash kernel cannot back-propagate into a mask;
     given one that needs grad, SDPA falls back to its math kernel and the full mask, as stock SAM does under LoRA on q.)
     """
+    # Half-precision inputs are computed in fp32 one chunk at a time, as SDPA's fused CPU kernels accumulate theirs:
+    # bf16 scores, probabilities and sums doubled the LoRA-gradient error against stock's (tests/test_fast_paths.py).
+    compute = torch.promote_types(query.dtype, torch.float32)
+    inputs = (query, key, value, rel_h, rel_w)
     grads = grad_query, grad_key, grad_value, grad_rel_h, grad_rel_w = [
-        torch.zeros_like(tensor) for tensor in (query, key, value, rel_h, rel_w)
+        torch.zeros_like(tensor, dtype=compute) for tensor in inputs
     ]
     batch_size, num_heads, height, width, _ = rel_h.shape
     for images, heads, rows, queries in _bias_chunks(batch_size, num_heads, height, width, mask_numel):
-        chunk_query, chunk_key, chunk_value = query[images, heads, queries], key[images, heads], value[images, heads]
-        chunk_grad_output = grad_output[images, heads, queries]
+        chunk_query, chunk_key, chunk_value, chunk_grad_output = (
+            tensor.to(compute) for tensor in (query[images, heads, queries], key[images, heads], value[images, heads],
+                                              grad_output[images, heads, queries])
+        )
         # (images, heads, rows * width, height * width): the probabilities, then the gradient of the scores
         scores = torch.matmul(chunk_query, chunk_key.transpose(-2, -1)).mul_(scale)
-        probs = torch.softmax(scores.add_(_chunk_bias(rel_h, rel_w, images, heads, rows)), dim=-1)
+        probs = torch.softmax(scores.add_(_chunk_bias(rel_h, rel_w, images, heads, rows).to(compute)), dim=-1)
         grad_scores = torch.matmul(chunk_grad_output, chunk_value.transpose(-2, -1))
         grad_scores = grad_scores.sub_((probs * grad_scores).sum(-1, keepdim=True)).mul_(probs)
         grad_query[images, heads, queries] = torch.matmul(grad_scores, chunk_key).mul_(scale)
@@ -230,7 +264,7 @@ def chunked_attention_backward(
         grad_scores = grad_scores.unflatten(2, (-1, width)).unflatten(-1, (height, width))
         grad_rel_h[images, heads, rows] = grad_scores.sum(-1)
         grad_rel_w[images, heads, rows] = grad_scores.sum(-2)
-    return tuple(grads)
+    return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs))
 
 
 @chunked_attention.register_fake
@@ -255,4 +289,68 @@ def _chunked_attention_grads(ctx, grad_output):
 
 chunked_attention.register_autograd(_chunked_attention_grads, setup_context=_save_for_backward)
 
-__all__ = ["AttentionPlan", "attention", "choose_kernel", "chunked_attention", "eager_attention", "folded_attention"]
+
+# ------------------------------------------------------------------------------------- the split attention module
+
+
+class SplitRelPosAttentionMixin:
+    """The body of a split-q/k/v SAM vision attention, shared by the SAM and SAM-HQ twins (same relative positions).
+
+    Mixed in before a stock SAM-style vision attention class (`SamVisionAttention`, `SamHQVisionAttention`): that class
+    keeps its relative-position tables and `get_rel_pos` helper, and transformers keeps recording its attention
+    weights (`output_attentions`) by it; the fused `qkv` Linear is replaced by `q`, `k`, `v`.
+
+    The implementation is read from the config at every call, so `model.set_attn_implementation()` takes effect:
+    - `"eager"`: the stock computation, returning the attention weights.
+    - anything else: `attention`, which picks a kernel per device, dtype and grad mode that never holds stock's
+      `(batch_size, nHead, HW, HW)` bias mask for a whole batch.
+    """
+
+    def __init__(self, config, window_size):
+        super().__init__(config, window_size)
+        del self.qkv
+        self.config = config
+        self.q = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.v = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+
+    def _heads(self, projection: torch.Tensor) -> torch.Tensor:
+        """(batch_size, height, width, channel) -> (batch_size, nHead, height * width, head_dim)"""
+        batch_size, height, width, _ = projection.shape
+        return projection.reshape(batch_size, height * width, self.num_attention_heads, -1).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, height, width, _ = hidden_states.shape
+        # each (batch_size, nHead, height * width, head_dim)
+        query, key, value = (self._heads(getattr(self, name)(hidden_states)) for name in ("q", "k", "v"))
+        rel_h, rel_w = self._decomposed_rel_pos(query, height, width) if self.use_rel_pos else (None, None)
+        dropout = self.dropout if self.training else 0.0
+
+        if self.config._attn_implementation == "eager":
+            attn_output, attn_weights = eager_attention(query, key, value, rel_h, rel_w, self.scale, dropout)
+        else:
+            attn_output, attn_weights = attention(query, key, value, rel_h, rel_w, self.scale, dropout), None
+
+        # (batch_size, nHead, height * width, head_dim) -> (batch_size, height, width, channel)
+        attn_output = attn_output.transpose(1, 2).reshape(batch_size, height, width, -1)
+        return self.proj(attn_output), attn_weights
+
+    def _decomposed_rel_pos(self, query, height, width) -> tuple[torch.Tensor, torch.Tensor]:
+        """The relative-position bias of each query towards each key row and key column, as stock SAM computes it:
+        (batch_size, nHead, height, width, height) and (batch_size, nHead, height, width, width)."""
+        batch_size, num_heads, _, head_dim = query.shape
+        rel_h_table = self.get_rel_pos(height, height, self.rel_pos_h)  # (height, height, head_dim)
+        rel_w_table = self.get_rel_pos(width, width, self.rel_pos_w)  # (width, width, head_dim)
+        grid_query = query.reshape(batch_size, num_heads, height, width, head_dim)
+        # einsum returns them permuted in memory; made contiguous (they are small), the mask chunks summed from them
+        # come out contiguous too, so flattening those for SDPA costs no copy.
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table).contiguous()
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table).contiguous()
+        return rel_h, rel_w
+
+
+__all__ = [
+    "AttentionPlan", "SplitRelPosAttentionMixin", "attention", "choose_kernel", "chunked_attention", "dense_attention",
+    "eager_attention",
+    "folded_attention",
+]

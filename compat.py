@@ -1,15 +1,12 @@
-"""Every difference between the supported library releases, in one place: transformers 4.57 / 5.x and
-huggingface_hub 0.x / 1.x+. Nothing else in the package branches on a version.
+"""The model side's differences between the supported transformers releases (4.57 and 5.x), in one place: no other
+model file branches on a version. The tools keep theirs in `tools/compat.py`.
 
-The model code imports this file relatively, so it travels to the Hub with it: only torch and transformers are imported
-at top level (the Hub's remote-code loader demands every top-level import be installed; huggingface_hub, a dependency
-of transformers, is imported where it is used).
+The model code imports this file relatively, so it is published with every model repository: it imports only torch
+and transformers (transformers' remote-code loader checks that every module imported anywhere in the file, at top level
+or inside a function, is installed).
 """
 
-import transformers
 from transformers import SamModel
-
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 if hasattr(SamModel, "activation_checkpointing_enable"):  # transformers 5: the name to use, non-reentrant already
 
@@ -32,93 +29,24 @@ else:  # transformers 4.x
             self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
 
 
-def sam_image_processor_class():
-    """transformers 5's `SamImageProcessor` needs torchvision and its `SamImageProcessorPil` does not; 4.57 has only
-    the numpy/PIL `SamImageProcessor`."""
-    return getattr(transformers, "SamImageProcessorPil", None) or transformers.SamImageProcessor
+def attention_function(implementation: str, eager):
+    """The attention function transformers registers for `implementation` (`config._attn_implementation`), or `eager`
+    for "eager": 5.x looks it up with `get_interface`, 4.57 by indexing (as stock SAM 2 does on each)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def sam_processor(config) -> transformers.SamProcessor:
-    """A `SamProcessor` with SAM's standard preprocessing for `config` (a SAM config): images resized and padded to
-    `vision_config.image_size`, segmentation maps to the low-resolution mask grid (4x the image-embedding grid)."""
-    size = config.vision_config.image_size
-    grid = 4 * (size // config.vision_config.patch_size)
-    image_processor = sam_image_processor_class()(
-        size={"longest_edge": size}, pad_size={"height": size, "width": size},
-        mask_size={"longest_edge": grid}, mask_pad_size={"height": grid, "width": grid},
-    )
-    return transformers.SamProcessor(image_processor=image_processor)
+def register_for_mask_generation(model_type: str, class_name: str) -> None:
+    """Make transformers' mask-generation pipeline recognise a twin, so it stops logging "<Twin> is not supported for
+    mask-generation" although it runs it. The pipeline checks the model's class name against the built-in table
+    `MODEL_FOR_MASK_GENERATION_MAPPING_NAMES` (a dict in 4.57 and 5.x); `AutoModelForMaskGeneration.register` does not
+    add to that table, and remote code never calls it. Adding our entry is all it takes; where a release no longer has
+    the table, nothing is done (the pipeline then only logs)."""
+    from transformers.models.auto import modeling_auto
 
-
-# ---------------------------------------------------------------------------------------------------- huggingface_hub
-# Used by the tools (push.py, finetune.py), never by the model code: huggingface_hub is imported inside the functions,
-# so this file stays importable by the Hub's remote-code loader with torch and transformers alone.
-
-
-def _hub_http_library():
-    """The HTTP client library huggingface_hub runs on: `requests` (0.x), `httpx` (1.x) or `httpx2` (2.x)."""
-    from huggingface_hub.utils import _http
-
-    for name in ("httpx2", "httpx", "requests"):
-        if hasattr(_http, name):
-            return getattr(_http, name)
-    raise ImportError(f"huggingface_hub's HTTP client library is none of httpx2, httpx, requests ({_http.__file__})")
-
-
-def hub_failure_types() -> tuple[type[BaseException], ...]:
-    """The exceptions huggingface_hub raises when the Hub or the network fails: HTTP errors (`HfHubHTTPError`), refused
-    or dropped connections and timeouts (0.x: `requests.RequestException`, an `OSError`; 1.x/2.x: `httpx.HTTPError` /
-    `httpx2.HTTPError`, not an `OSError`), the Xet uploader's (a builtin `ConnectionError`, an `OSError`, or a
-    `RuntimeError`) and invalid names (`HFValidationError`, a `ValueError`)."""
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-
-    library = _hub_http_library()
-    transport_error = getattr(library, "RequestException", None) or library.HTTPError
-    return (HfHubHTTPError, HFValidationError, transport_error, OSError, RuntimeError)
-
-
-def set_hub_timeout(seconds: float) -> None:
-    """Make every huggingface_hub request that sets no timeout of its own (uploads, commits, `whoami`, ...) give up
-    after `seconds` without an answer (connecting, sending or waiting for data); by default they wait forever."""
-    from huggingface_hub import utils
-
-    if hasattr(utils, "set_client_factory"):  # 1.x / 2.x: one shared httpx client, made by a factory
-        from huggingface_hub.utils._http import default_client_factory
-
-        def client_with_timeout():
-            client = default_client_factory()
-            client.timeout = seconds
-            return client
-
-        utils.set_client_factory(client_with_timeout)
-    else:  # 0.x: a requests Session per thread, made by a "backend factory"; requests has no client-wide timeout
-        from huggingface_hub import configure_http_backend
-        from huggingface_hub.utils._http import _default_backend_factory
-
-        def session_with_timeout():
-            session = _default_backend_factory()
-            request = session.request
-
-            def request_with_timeout(method, url, **kwargs):
-                if kwargs.get("timeout") is None:
-                    kwargs["timeout"] = seconds
-                return request(method, url, **kwargs)
-
-            session.request = request_with_timeout
-            return session
-
-        configure_http_backend(session_with_timeout)
-
-
-def sam_preprocessor_config(image_size: int) -> dict:
-    """SAM's standard preprocessing as a `preprocessor_config.json` that `AutoProcessor` loads on transformers 4.57 and
-    5.x alike, in the form of the released checkpoints. Saving `sam_processor(config)` would not do: on 5.x it names
-    `SamImageProcessorPil`, which 4.57 does not know; the name `SamImageProcessor` loads on both (5.x picks the class
-    that its installed packages support)."""
-    return {
-        "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
-        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-        "image_processor_type": "SamImageProcessor", "processor_class": "SamProcessor",
-        "pad_size": {"height": image_size, "width": image_size}, "size": {"longest_edge": image_size},
-        "resample": 2, "rescale_factor": 1 / 255,
-    }
+    names = getattr(modeling_auto, "MODEL_FOR_MASK_GENERATION_MAPPING_NAMES", None)
+    if isinstance(names, dict):
+        names.setdefault(model_type, class_name)

@@ -14,9 +14,20 @@ from transformers import SamConfig
 # read it, and the upper limits below are derived from it.
 SAM_SIZES = {
     "vit-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
-    "vit-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]),
-    "vit-huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
+    "vit-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                      global_attn_indexes=[5, 11, 17, 23]),
+    "vit-huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                     global_attn_indexes=[7, 15, 23, 31]),
 }
+# Not a released size: a small SAM (256x256 images, 4 vision layers 64 wide) that fine-tunes in minutes on a 2-core CPU,
+# for trying the tools end to end (`random:sam-tiny`). Complete config arguments, as its prompt encoder and mask decoder
+# shrink with it.
+SAM_TINY = dict(
+    vision_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=256, patch_size=16,
+                       window_size=8, global_attn_indexes=[1, 3], output_channels=64, num_pos_feats=32, mlp_dim=256),
+    prompt_encoder_config=dict(hidden_size=64, image_size=256, patch_size=16),
+    mask_decoder_config=dict(hidden_size=64, num_attention_heads=4, mlp_dim=256, iou_head_hidden_dim=64),
+)
 # A size more than this many times its largest value in any released SAM is refused as absurd: such a config (a typo,
 # `1e6` layers) would otherwise make `from_pretrained` allocate for minutes before failing.
 SIZE_LIMIT_FACTOR = 4
@@ -63,14 +74,9 @@ class SamSplitConfig(SamConfig):
 
     model_type = "sam_split"
 
-    def __init__(self, vision_config=None, prompt_encoder_config=None, mask_decoder_config=None, **kwargs):
+    def __init__(self, *args, **kwargs):  # the stock config's arguments, positional ones included
         kwargs["auto_map"] = dict(AUTO_MAP)
-        super().__init__(
-            vision_config=vision_config,
-            prompt_encoder_config=prompt_encoder_config,
-            mask_decoder_config=mask_decoder_config,
-            **kwargs,
-        )
+        super().__init__(*args, **kwargs)
         check_sam_sizes(self)
 
 
@@ -134,6 +140,11 @@ def check_sam_sizes(config: SamConfig) -> None:
         vision.attention_dropout,
         "expected a probability in [0, 1)",
     )
+    # A non-positive or non-finite epsilon makes every layer norm divide by zero or by a negative variance: NaN masks.
+    for part in _SIZE_FIELDS:
+        eps = getattr(getattr(config, part), "layer_norm_eps", 1e-6)
+        _require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1, f"{part}.layer_norm_eps",
+                 eps, "expected a small positive number (the released SAMs use 1e-6)")
     # The prompt encoder's positional grid is added to the image embedding the vision encoder makes: same grid, width.
     grid = vision.image_size // vision.patch_size
     _require(
@@ -171,4 +182,4 @@ def check_sam_sizes(config: SamConfig) -> None:
         )
 
 
-__all__ = ["SAM_SIZES", "SamSplitConfig"]
+__all__ = ["SAM_SIZES", "SAM_TINY", "SamSplitConfig"]

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Fine-tune a `SamSplitModel` with LoRA on the vision encoder's `q`/`v` (optionally the whole mask decoder too).
+"""Fine-tune a split-q/k/v twin of SAM, SAM-HQ or SAM 2 with LoRA on the vision encoder's `q`/`v` (optionally the
+whole mask decoder too).
 
 Each step encodes every image once and decodes up to `--objects-per-image` of its objects against that one image
 embedding, each prompted by a box (and/or positive and negative points) drawn from its mask, as SAM's own training
@@ -16,9 +17,9 @@ model) and every `--eval-every` steps. Runs as is under `accelerate launch`.
     accelerate launch --multi_gpu --num_processes 2 finetune.py --cpu ...     # DDP on CPU (gloo)
     python finetune.py --output-dir out/run1 --publish-only --push-to ORG/my-adapter   # publish a finished run again
 
-Data (`--train-data`, `--val-data`): see `data.py`. Every file is read once before training: an image without masks,
-an empty or non-binary mask, a mask whose size differs from its image and an unreadable file are counted, printed and
-skipped (`--strict-data` makes them errors), so no bad sample can stop a run half-way.
+Data (`--train-data`, `--val-data`): see `tools/data.py`. Every file is read once before training: an image without
+masks, an empty or non-binary mask, a mask whose size differs from its image and an unreadable file are counted,
+printed and skipped (`--strict-data` makes them errors), so no bad sample can stop a run half-way.
 
 OUT receives the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`, a model card), loadable with
 `PeftModel.from_pretrained(base, OUT)` or `AutoPeftModel.from_pretrained(OUT, trust_remote_code=True)`; its config
@@ -26,20 +27,27 @@ records the base repository and the resolved commit sha of the base. `OUT/checkp
 `accelerator.save_state` checkpoints (trainable weights, optimizer, scheduler, step); `--resume` continues the same run:
 same steps, same data order, same weights. `OUT/metrics.jsonl` logs the training loss per step and each validation;
 `OUT/eval_results.json` puts the base model's scores next to the fine-tuned ones; `OUT/overlays/step-N/` shows ground
-truth and prediction on a fixed set of validation images; `OUT/curves.png` plots loss, learning rate, Dice and IoU.
+truth and prediction on a fixed set of validation images; `OUT/curves.png` plots loss, learning rate, Dice and IoU;
+`OUT/run.json` says whether the run finished and which step the adapter is from (`--publish-only` reads it).
+
+`main` reads top to bottom as transformers' `run_*_no_trainer.py` scripts do: settings (`parse_args`, every flag
+checked), base model and data (checked and scanned before the weights load), model, optimizer, resume, the training
+loop (`train_step`, `validate`, reports), then the reports and the adapter (`finish`), then publishing.
 """
 
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,21 +60,28 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from sam_split import SamSplitModel
-from sam_split.compat import hub_failure_types, sam_processor, set_hub_timeout
-from sam_split.data import add_data_arguments, data_options, open_source, scan
-from sam_split.evaluation import (PromptedImages, collate, evaluate, mask_grid_size, object_losses,
-                                  summarize)
-from sam_split.hub_tools import (ToolError, atomic_output_dir, max_differences, publish_folder, sam_outputs,
-                                 verification_inputs)
-from sam_split.visualize import overlay, plot_curves
+from sam_split.tools.adapter_card import adapter_notes, base_license, hub_dataset, model_card
+from sam_split.tools.arguments import add_loader_arguments, add_model_arguments, add_prompt_arguments, integer, number
+from sam_split.tools.cli import Location, ToolError, locate, run_tool
+from sam_split.tools.compat import set_hub_timeout
+from sam_split.tools.data import add_data_arguments, data_options, open_source, scan
+from sam_split.tools.files import atomic_output_dir
+from sam_split.tools.hub import publish_folder
+from sam_split.tools.models import adapter_base, load_model, model_config, resolve_model
+from sam_split.tools.processing import model_family, model_processor
+from sam_split.tools.segmentation import PromptedImages, collate, evaluate, object_losses, summarize
+from sam_split.tools.verify import max_differences, sam_outputs, verification_inputs
+from sam_split.tools.visualize import overlay, plot_curves
 
 CHECKPOINTS = "checkpoints"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+RUN_RECORD = "run.json"  # OUT/run.json: the run's settings, whether it finished, the adapter's step
 DECODER = "mask_decoder"
 HUB_TIMEOUT_S = 60  # an unanswered Hub request fails after this long instead of hanging the run
 # Scores `--metric-for-best` can choose from (all from full-resolution validation); lower is better only for loss.
 BEST_METRICS = ("dice", "iou", "image_dice", "image_iou", "loss")
+# A validation's scores, stored in metrics.jsonl as `val_<name>` (`validation_entry` / `validation_scores`).
+VALIDATION_SCORES = (*BEST_METRICS, "classes")
 # The base is loaded through transformers' AutoModel (its repo carries the code, `auto_map`), so that
 # `AutoPeftModel.from_pretrained(adapter, trust_remote_code=True)` works without this package installed.
 AUTO_MAPPING = {"base_model_class": "AutoModel", "parent_library": "transformers"}
@@ -75,27 +90,10 @@ AUTO_MAPPING = {"base_model_class": "AutoModel", "parent_library": "transformers
 # ---------------------------------------------------------------------------------------------------------- model
 
 
-def resolve_base(model: str, revision: str | None) -> tuple[str, str | None]:
-    """(name or absolute path, commit sha or None): a Hub revision (branch, tag, short sha) is pinned to its sha, so
-    the adapter records the exact base it was trained on."""
-    if Path(model).is_dir():
-        if revision:
-            raise SystemExit(f"error: --base-revision is for Hub ids; {model} is a local folder")
-        return str(Path(model).resolve()), None
-    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
-        return model, revision
-    from huggingface_hub import HfApi
-
-    try:
-        sha = HfApi().model_info(model, revision=revision).sha
-    except hub_failure_types() as error:
-        raise SystemExit(f"error: cannot resolve {model}@{revision or 'main'} on the Hub: {error}") from error
-    return model, sha
-
-
-def build_model(base_name, base_revision, lora_r, lora_alpha, lora_dropout, target_modules, train_decoder,
-                gradient_checkpointing) -> PeftModel:
-    base = SamSplitModel.from_pretrained(base_name, revision=base_revision)
+def build_model(base, lora_r, lora_alpha, lora_dropout, target_modules, train_decoder, gradient_checkpointing,
+                base_location: Location) -> PeftModel:
+    """LoRA on `target_modules` of the loaded `base` (and the whole mask decoder with `train_decoder`); the adapter
+    records `base_location` (a Hub id at its sha, or the local folder) as its base."""
     if gradient_checkpointing:
         # Non-reentrant: the frozen inputs of the checkpointed layers need no `requires_grad` for LoRA to get grads.
         base.activation_checkpointing_enable({"use_reentrant": False})
@@ -104,11 +102,11 @@ def build_model(base_name, base_revision, lora_r, lora_alpha, lora_dropout, targ
         modules_to_save=[DECODER] if train_decoder else None,
         task_type=None,  # the task types feed `input_ids`, which SAM does not take
     )
-    model = get_peft_model(base, config, revision=base_revision)
-    model.peft_config["default"].base_model_name_or_path = base_name
+    model = get_peft_model(base, config, revision=base_location.revision)
+    model.peft_config["default"].base_model_name_or_path = base_location.name
     for target in target_modules:
         if not any(name.endswith(f".{target}") and hasattr(module, "lora_A") for name, module in model.named_modules()):
-            raise SystemExit(f"error: --target-modules entry {target!r} matches no Linear layer of the model")
+            raise ToolError(f"--target-modules entry {target!r} matches no Linear layer of the model")
     return model
 
 
@@ -163,7 +161,7 @@ def keep_trainable_weights(models, weights, output_dir):
 
 def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int, run: dict):
     if not all_finite(trainable_state(model).values()):  # never a checkpoint that --resume would diverge from
-        raise SystemExit(f"error: trainable weights are not finite at step {step}; not saving a checkpoint")
+        raise ToolError(f"trainable weights are not finite at step {step}; not saving a checkpoint")
     final = output_dir / CHECKPOINTS / f"step-{step:08d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process and partial.exists():
@@ -188,13 +186,13 @@ def load_checkpoint(accelerator, model, path: Path, run: dict):
     saved_run = json.loads((path / "run.json").read_text())
     changed = {k: (saved_run.get(k), v) for k, v in run.items() if saved_run.get(k) != v}
     if changed:
-        raise SystemExit("error: --resume with settings that differ from the checkpoint's run: "
+        raise ToolError("--resume with settings that differ from the checkpoint's run: "
                          + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     with safe_open(str(path / "model.safetensors"), "pt") as saved:
         saved_names = set(saved.keys())
     expected = {name for name, param in model.named_parameters() if param.requires_grad}
     if saved_names != expected:
-        raise SystemExit(f"error: checkpoint {path} does not hold this model's trainable weights (missing "
+        raise ToolError(f"checkpoint {path} does not hold this model's trainable weights (missing "
                          f"{sorted(expected - saved_names)[:4]}, unexpected {sorted(saved_names - expected)[:4]})")
     accelerator.load_state(str(path), strict=False)  # the file holds the trainable weights alone
 
@@ -205,87 +203,100 @@ def resume(accelerator, model, output_dir: Path, which: str, run: dict, log) -> 
     if which != "latest":
         candidates = [Path(which)]
         if not (candidates[0] / "run.json").exists():
-            raise SystemExit(f"error: --resume {which} is not a checkpoint folder of finetune.py")
+            raise ToolError(f"--resume {which} is not a checkpoint folder of finetune.py")
     else:
         candidates = sorted((output_dir / CHECKPOINTS).glob("step-*[0-9]"), reverse=True)
         if not candidates:
-            raise SystemExit(f"error: --resume: no checkpoint in {output_dir / CHECKPOINTS}")
+            raise ToolError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS}")
     for position, path in enumerate(candidates):
         try:
             load_checkpoint(accelerator, model, path, run)
             return path
-        except SystemExit:
+        except ToolError:
             raise
         except Exception as error:
             reason = f"checkpoint {path} is unreadable ({type(error).__name__}: {error})"
             if position + 1 == len(candidates):
-                raise SystemExit(f"error: --resume: {reason}" + ("; no older checkpoint is kept" if position else ""))
+                older = "; no older checkpoint is kept" if position else ""
+                raise ToolError(f"--resume: {reason}{older}") from None
             log(f"warning: {reason}; falling back to {candidates[position + 1]}")
+
+
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    return max((output_dir / CHECKPOINTS).glob("step-*[0-9]"), default=None)
+
+
+def resume_hint(output_dir: Path) -> str:
+    """How to go on after the run stopped: the newest checkpoint and `--resume`, or why there is none."""
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        return "no checkpoint was saved (--save-every N saves them), so a new run starts from the beginning"
+    return f"the last checkpoint is {checkpoint}: run the same command with --resume to continue from it"
+
+
+# --------------------------------------------------------------------------------------------------------- metrics
+
+
+def validation_entry(step: int, scores: dict) -> dict:
+    """A validation as a metrics.jsonl line: each score `name` stored as `val_<name>`."""
+    return {"step": step, **{f"val_{name}": scores[name] for name in VALIDATION_SCORES}}
+
+
+def validation_scores(entry: dict) -> dict:
+    """The scores of a metrics.jsonl validation line (the inverse of `validation_entry`), with the object count."""
+    scores = {name: entry[f"val_{name}"] for name in VALIDATION_SCORES}
+    return {**scores, "objects": sum(c["objects"] for c in scores["classes"].values())}
+
+
+def read_metrics(path: Path, log) -> list:
+    """The entries of metrics.jsonl. A torn last line (the run was killed while writing it) is dropped with a word;
+    a damaged line before it is an error."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    entries = []
+    for number_, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            if number_ < len(lines):
+                raise ToolError(f"{path} line {number_} is not JSON: the file was changed by hand or damaged") from None
+            log(f"warning: dropped the torn last line of {path} (the run was stopped while writing it)")
+    return entries
+
+
+def keep_metrics_until(path: Path, step: int, log) -> None:
+    """On --resume: drop what the interrupted run logged after the checkpoint's step (and a torn last line)."""
+    kept = [entry for entry in read_metrics(path, log) if entry["step"] <= step]
+    if path.exists():
+        path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+
+
+def write_run_record(output_dir: Path, record: dict) -> None:
+    """OUT/run.json, replaced whole (written beside, then renamed)."""
+    partial = output_dir / f".{RUN_RECORD}.partial"
+    partial.write_text(json.dumps(record, indent=1))
+    os.replace(partial, output_dir / RUN_RECORD)
 
 
 # --------------------------------------------------------------------------------------------------------- outputs
 
 
-def base_license(base_name: str, base_revision: str | None) -> str | None:
-    """The `license` of the base model's card (a Hub repo or a local folder), or None."""
-    from huggingface_hub import ModelCard, hf_hub_download
-
-    card = Path(base_name) / "README.md"
-    try:
-        if not card.is_file():
-            card = hf_hub_download(base_name, "README.md", revision=base_revision)
-        return ModelCard.load(card).data.license
-    except Exception:  # no card, or one without metadata: the adapter card names no license
-        return None
-
-
-def hub_dataset(spec: str | None) -> str | None:
-    """`spec` when it names a Hub dataset (not a local path)."""
-    return spec if spec and not Path(spec).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", spec) else None
-
-
-def model_card(base_name: str, base_revision: str | None, repo_name: str, license: str | None, datasets: list,
-               val_name: str | None, results: dict | None, hyperparameters: dict) -> str:
-    """The adapter's README: `ModelCardData` front matter (base model as a Hub id, the base's license, datasets,
-    validation Dice/IoU as `eval_results`), how to load it pinned, the hyper-parameters."""
-    from huggingface_hub import EvalResult, ModelCardData
-
-    base_is_hub = base_revision is not None
-    eval_results = None
-    if results:
-        eval_results = [EvalResult(task_type="image-segmentation", dataset_type=hub_dataset(val_name) or "custom",
-                                   dataset_name=Path(val_name).name or val_name, metric_type=metric,
-                                   metric_name=f"mean {metric} per object (full resolution)",
-                                   metric_value=round(results[metric], 4)) for metric in ("dice", "iou")]
-    card_data = ModelCardData(
-        library_name="peft", pipeline_tag="mask-generation", license=license,
-        base_model=base_name if base_is_hub else None, datasets=[d for d in datasets if d] or None,
-        tags=["sam", "lora", "image-segmentation", "sam-split"], model_name=repo_name, eval_results=eval_results,
-    )
-    revision = f', revision="{base_revision}"' if base_is_hub else ""
-    lines = ["# SAM LoRA adapter", "",
-             f"LoRA on `{base_name}`" + (f" at `{base_revision}`" if base_is_hub else "") + ".", "",
-             "```python", "from peft import AutoPeftModel, PeftModel", "from transformers import AutoModel", "",
-             f'model = AutoPeftModel.from_pretrained("{repo_name}", revision="ADAPTER_SHA", trust_remote_code=True)',
-             "# or, explicitly:",
-             f'base = AutoModel.from_pretrained("{base_name}", trust_remote_code=True{revision})',
-             f'model = PeftModel.from_pretrained(base, "{repo_name}", revision="ADAPTER_SHA")', "```", ""]
-    if results:
-        lines += ["## Validation (Dice / IoU per object, original resolution)", "", "| class | Dice | IoU | objects |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {c['dice']:.4f} | {c['iou']:.4f} | {c['objects']} |"
-                  for name, c in results["classes"].items()]
-        lines += [f"| **all** | {results['dice']:.4f} | {results['iou']:.4f} | {results['objects']} |", ""]
-    lines += ["## Training hyper-parameters", "", "| name | value |", "| --- | --- |"]
-    lines += [f"| {name} | {value} |" for name, value in hyperparameters.items()] + [""]
-    return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
+def write_card(output_dir: Path, record: dict, base: Location, repo_name: str, log) -> str:
+    """The card of the adapter in `output_dir` from its run record and eval_results.json."""
+    results_path = output_dir / "eval_results.json"
+    results = json.loads(results_path.read_text())["fine_tuned"] if results_path.exists() else None
+    hyperparameters = {"steps": record.get("steps"), **record.get("hyperparameters", {})}
+    datasets = [hub_dataset(record.get("train_data")), hub_dataset(record.get("val_data"))]
+    return model_card(base, repo_name, base_license(base.name, base.revision), datasets, record.get("val_data"),
+                      results, hyperparameters, adapter_notes(record))
 
 
 def save_adapter(model, output_dir: Path, card: str):
     """Write the adapter files into OUT, moved in from a temporary folder with `adapter_config.json` last (and removed
     first), so OUT never holds a config next to another run's or a half-written weights file."""
     if not all_finite(trainable_state(model).values()):
-        raise SystemExit("error: trainable weights are not finite; not saving the adapter")
+        raise ToolError("trainable weights are not finite; not saving the adapter")
     with atomic_output_dir(output_dir, existing="update", last="adapter_config.json", prefix=".adapter-") as build:
         model.save_pretrained(str(build))
         config_path = build / "adapter_config.json"
@@ -296,11 +307,16 @@ def save_adapter(model, output_dir: Path, card: str):
 
 def push_adapter(output_dir: Path, repo: str, message: str) -> str:
     try:
-        commit = publish_folder(output_dir, repo, commit_message=message, allow_patterns=list(ADAPTER_FILES))
+        with atomic_output_dir(None, prefix="sam-split-adapter-") as staged:  # the repo becomes exactly these files
+            for name in ADAPTER_FILES:
+                if (output_dir / name).is_file():
+                    shutil.copyfile(output_dir / name, staged / name)
+            commit = publish_folder(staged, repo, commit_message=message)
     except ToolError as error:
-        raise SystemExit(f"error: {error}.\nThe adapter is complete in {output_dir}; publish it again with:\n"
+        raise ToolError(f"{error}.\nThe adapter is complete in {output_dir}; publish it again with:\n"
                          f"  python finetune.py --output-dir {output_dir} --publish-only --push-to {repo}") from None
-    print(f"pushed adapter to {repo} at revision {commit.sha}\n  {commit.url}")
+    note = f" ({commit.note})" if commit.note else ""
+    print(f"pushed adapter to {repo} at revision {commit.sha}{note}\n  {commit.url}")
     return commit.sha
 
 
@@ -315,26 +331,74 @@ def merge_to_sam(model: PeftModel, processor, target: Path):
     difference = max(differences.values())
     tolerance = 1e-4 * max(1.0, max(tensor.abs().max().item() for tensor in expected.values()))
     if difference > tolerance:
-        raise RuntimeError(f"merged SamModel differs from the adapted model: {differences} > {tolerance:.1e}")
+        raise ToolError(f"merged SamModel differs from the adapted model: {differences} > {tolerance:.1e}")
     with atomic_output_dir(target, existing="replace", prefix=".merged-") as build:
         sam.save_pretrained(str(build))
         processor.save_pretrained(str(build))
     print(f"merged stock SamModel saved to {target} (max |diff| vs adapter {difference:.1e})")
 
 
+def check_merge_to_sam(config) -> None:
+    if model_family(config) != "sam":
+        raise ToolError(f"--merge-to-sam makes a stock SamModel; this model is {model_family(config)}")
+
+
 def publish(model: PeftModel, output_dir: Path, push_to: str | None, merge_to: str | None, message: str):
     """Merge first (local, checked), then push: a failed push leaves a complete folder to publish again."""
     if merge_to:
-        merge_to_sam(model, sam_processor(model.config), Path(merge_to))
+        check_merge_to_sam(model.config)
+        merge_to_sam(model, model_processor(model.config), Path(merge_to))
     if push_to:
         push_adapter(output_dir, push_to, message)
 
 
-def publish_finished(output_dir: Path, push_to: str | None, merge_to: str | None):
-    """`--publish-only`: push and/or merge the adapter a finished run left in `output_dir`."""
-    config = json.loads((output_dir / "adapter_config.json").read_text())
-    base = SamSplitModel.from_pretrained(config["base_model_name_or_path"], revision=config.get("revision"))
+def publishable_base(recorded: Location, given: Location | None, push_to: str | None) -> Location:
+    """The base the published adapter names: `given` (`--model`/`--base-revision` at publish time) or the recorded
+    one. Pushing needs a Hub id at a commit sha: a path of this machine is useless to users (and private)."""
+    base = given or recorded
+    if push_to and not (base.is_hub and len(base.revision or "") == 40):
+        raise ToolError(f"--push-to: the adapter's base is {base.name}, a folder of this machine, not a Hub id at a "
+                        "commit sha, and a published adapter must name a base its users can load. Publish the base "
+                        "(push.py) and name it: --model ORG/NAME --base-revision SHA (the same weights)")
+    return base
+
+
+def check_same_weights(base, recorded: Location) -> None:
+    """When the adapter was trained on a local folder that still exists, the base named for publishing must hold
+    exactly its weights."""
+    if recorded.is_hub or not Path(recorded.name).is_dir():
+        return
+    trained_on = load_model(recorded).state_dict()
+    named = base.state_dict()
+    if named.keys() != trained_on.keys() or any(not torch.equal(named[k], trained_on[k]) for k in named):
+        raise ToolError(f"--model does not hold the weights of {recorded.name}, the base the adapter was trained on")
+
+
+def publish_finished(output_dir: Path, push_to: str | None, merge_to: str | None, allow_unfinished: bool,
+                     base_text: str | None, base_revision: str | None, log=print) -> PeftModel:
+    """`--publish-only`: push and/or merge the adapter a finished run left in `output_dir`. An unfinished run (no
+    finished run.json: stopped before its end) is refused unless `allow_unfinished`. Before a push, the adapter's
+    config and card are written again, naming the Hub base, so no path of this machine is published."""
+    record_path = output_dir / RUN_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if not record.get("finished"):
+        if not allow_unfinished:
+            raise ToolError(f"{output_dir} holds an unfinished run (its {RUN_RECORD} does not say it finished: it was "
+                            "stopped before its last step), so its adapter is an intermediate one. Finish it with "
+                            "--resume, or pass --allow-unfinished to publish that adapter anyway")
+        log(f"warning: publishing the adapter of an unfinished run (step {record.get('adapter_step', '?')})")
+    name, revision = adapter_base(json.loads((output_dir / "adapter_config.json").read_text()))
+    recorded = Location("hub", name, revision) if revision else Location("local", name)
+    given = resolve_model(base_text, base_revision) if base_text else None
+    base_location = publishable_base(recorded, given, push_to)
+    base = load_model(base_location)
+    if given is not None:
+        check_same_weights(base, recorded)
     model = PeftModel.from_pretrained(base, str(output_dir))
+    if push_to:
+        model.peft_config["default"].base_model_name_or_path = base_location.name
+        model.peft_config["default"].revision = base_location.revision
+        save_adapter(model, output_dir, write_card(output_dir, record, base_location, push_to, log))
     publish(model, output_dir, push_to, merge_to, f"LoRA adapter from {output_dir.name}")
     return model
 
@@ -343,7 +407,8 @@ def side_by_side(base: dict, tuned: dict, tuned_step: int) -> str:
     """A table of the base model's validation scores (step 0) next to the fine-tuned ones, per class."""
     rows = [("all", base, tuned)] + [(name, base["classes"].get(name), scores)
                                      for name, scores in tuned["classes"].items()]
-    lines = [f"{'class':<20} {'base dice':>10} {'dice':>8} {'base iou':>9} {'iou':>8}   (fine-tuned: step {tuned_step})"]
+    header = f"{'class':<20} {'base dice':>10} {'dice':>8} {'base iou':>9} {'iou':>8}"
+    lines = [f"{header}   (fine-tuned: step {tuned_step})"]
     for name, before, after in rows:
         before = before or {"dice": math.nan, "iou": math.nan}
         lines.append(f"{name:<20} {before['dice']:>10.4f} {after['dice']:>8.4f} {before['iou']:>9.4f} "
@@ -391,361 +456,555 @@ def trackers(report_to: str) -> list:
     return available
 
 
-def check_output_dir(path: Path, resume: bool) -> str | None:
-    """Why `path` cannot receive this run's outputs, or None: checked before anything slow is loaded."""
+# -------------------------------------------------------------------------------------------------------- settings
+
+
+def check_output_dir(path: Path, resume: str | None) -> str | None:
+    """Why `path` cannot receive this run's outputs, or None: checked before anything slow, creating nothing (a
+    failed run leaves no empty folder behind)."""
     if path.exists() and not path.is_dir():
         return f"--output-dir {path} is a file, expected a folder"
     if not resume and path.is_dir() and any(path.iterdir()):
         return f"--output-dir {path} is not empty: pass --resume to continue its run, or use a new folder"
+    if resume == "latest" and latest_checkpoint(path) is None:
+        return f"--resume: no checkpoint in {path / CHECKPOINTS}"
+    existing = next(folder for folder in (path, *path.absolute().parents) if folder.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
         return f"--output-dir {path} is not writable ({error.strerror or error})"
     return None
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = parser.add_argument_group("model and data")
-    io.add_argument("--model", help="SamSplitModel Hub id or local folder (required unless --publish-only)")
-    io.add_argument("--base-revision", help="base revision on the Hub (branch, tag or sha; recorded as its sha)")
-    io.add_argument("--train-data", help="training data (see data.py; required unless --publish-only)")
-    io.add_argument("--val-data", help="same formats; enables validation (Dice and IoU)")
-    io.add_argument("--output-dir", required=True, help="adapter, checkpoints/, metrics.jsonl and pictures go here")
-    add_data_arguments(parser)
-    io.add_argument("--strict-data", action="store_true", help="bad samples are an error instead of a counted skip")
-    prompts = parser.add_argument_group("prompts")
-    prompts.add_argument("--prompt", choices=("box", "point", "box+point"), default="box",
-                         help="prompt made from each object's mask")
-    prompts.add_argument("--objects-per-image", type=int, default=8,
-                         help="objects decoded per image and step, sampled when an image has more (default 8)")
-    prompts.add_argument("--num-points", type=int, default=1, help="positive points sampled in the object")
-    prompts.add_argument("--num-negative-points", type=int, default=0, help="negative points sampled outside it")
-    prompts.add_argument("--box-jitter", type=float, default=0.1,
-                         help="training boxes: each edge moved by up to this fraction of the box side (default 0.1)")
+def add_lora_arguments(parser) -> None:
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=int, default=8)
-    lora.add_argument("--lora-alpha", type=float, default=16)
-    lora.add_argument("--lora-dropout", type=float, default=0.1)
+    lora.add_argument("--lora-r", type=integer(1), default=8)
+    lora.add_argument("--lora-alpha", type=number(0, above=True), default=16)
+    lora.add_argument("--lora-dropout", type=number(0, 1, below=True), default=0.1, help="in [0, 1)")
     lora.add_argument("--target-modules", default="q,v",
                       help="comma-separated module names (default q,v: only the vision encoder has these)")
     lora.add_argument("--train-decoder", action="store_true",
                       help="also train the whole mask decoder (PEFT modules_to_save)")
+
+
+def add_training_arguments(parser) -> None:
     train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, help="optimizer steps (required unless --publish-only)")
-    train.add_argument("--batch-size", type=int, default=2, help="images per process and micro-batch")
-    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, in (0, 1]")
-    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--max-steps", type=integer(1), help="optimizer steps (required unless --publish-only)")
+    train.add_argument("--gradient-accumulation-steps", type=integer(1), default=1)
+    train.add_argument("--lr", type=number(0, 1, above=True), default=1e-4,
+                       help="AdamW learning rate, in (0, 1] (LoRA usually takes 1e-5 to 1e-2)")
+    train.add_argument("--weight-decay", type=number(0), default=0.01)
     train.add_argument("--lr-scheduler", choices=("constant", "linear", "cosine"), default="constant")
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    train.add_argument("--warmup-steps", type=integer(0), default=0)
+    train.add_argument("--max-grad-norm", type=number(0), default=1.0, help="0 disables clipping")
     train.add_argument("--loss", choices=("bce", "focal"), default="bce", help="pixel loss added to Dice")
-    train.add_argument("--iou-loss-weight", type=float, default=0.0,
+    train.add_argument("--iou-loss-weight", type=number(0), default=0.0,
                        help="weight of an MSE loss on the IoU head (useful with --train-decoder)")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute vision layers in backward")
-    train.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"),
-                       help="autocast precision (default: accelerate's config or no)")
-    train.add_argument("--cpu", action="store_true", help="train on CPU (also DDP over gloo under accelerate launch)")
-    train.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
-    train.add_argument("--seed", type=int, default=0)
+
+
+def add_run_arguments(parser) -> None:
     run = parser.add_argument_group("evaluation, checkpoints, outputs")
-    run.add_argument("--eval-every", type=int,
+    run.add_argument("--eval-every", type=integer(1),
                      help="validate every N steps (default 200 with --val-data), at step 0 and at the end")
     run.add_argument("--metric-for-best", choices=BEST_METRICS,
                      help="keep the adapter of the best validation score instead of the last one")
-    run.add_argument("--early-stopping-patience", type=int, metavar="N",
+    run.add_argument("--early-stopping-patience", type=integer(1), metavar="N",
                      help="stop after N validations in a row without a better --metric-for-best")
-    run.add_argument("--overlay-images", type=int, default=4,
-                     help="validation images drawn (ground truth | prediction) at each validation (default 4)")
     run.add_argument("--report-to", choices=("none", "tensorboard", "wandb", "all"), default="none",
                      help="also log scalars and overlays through accelerate's trackers (TensorBoard: OUT/runs)")
-    run.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end (0: never)")
-    run.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
+    run.add_argument("--save-every", type=integer(0), default=0,
+                     help="checkpoint every N steps and at the end (0: never)")
+    run.add_argument("--keep-checkpoints", type=integer(0), default=2, help="newest checkpoints kept (0: all)")
     run.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                      help="continue the run in --output-dir from its newest checkpoint (or from CHECKPOINT)")
     run.add_argument("--push-to", metavar="REPO", help="upload the adapter to this Hub repo and print the commit sha")
     run.add_argument("--merge-to-sam", metavar="DIR", help="also save the merged model as a stock SamModel in DIR")
     run.add_argument("--publish-only", action="store_true",
                      help="do not train: push (--push-to) and/or merge (--merge-to-sam) the adapter that a finished "
-                          "run left in --output-dir")
+                          "run left in --output-dir (--model/--base-revision name its base on the Hub)")
+    run.add_argument("--allow-unfinished", action="store_true",
+                     help="--publish-only: also publish the adapter of a run that was stopped before its end")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The settings, every flag checked (`check_settings`) before anything slow starts."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, model_help="split-q/k/v twin of SAM, SAM-HQ or SAM 2 (made by push.py): Hub id or "
+                                           "local folder (required unless --publish-only)")
+    data = parser.add_argument_group("data and outputs")
+    data.add_argument("--train-data", help="training data (see tools/data.py; required unless --publish-only)")
+    data.add_argument("--val-data", help="same formats; enables validation (Dice and IoU)")
+    data.add_argument("--output-dir", required=True, help="adapter, checkpoints/, metrics.jsonl and pictures go here")
+    add_data_arguments(parser)
+    add_prompt_arguments(parser, training=True)
+    add_loader_arguments(parser, overlay_images=4)
+    add_lora_arguments(parser)
+    add_training_arguments(parser)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-
-    output_dir = Path(args.output_dir)
-    if args.merge_to_sam and Path(args.merge_to_sam).exists():
-        parser.error(f"--merge-to-sam {args.merge_to_sam} already exists")
-    if args.push_to:
-        from huggingface_hub import get_token
-
-        if not get_token():
-            parser.error("--push-to needs a Hub token (HF_TOKEN or `hf auth login`)")
-    if args.publish_only:
-        if not (args.push_to or args.merge_to_sam):
-            parser.error("--publish-only needs --push-to and/or --merge-to-sam")
-        if not (output_dir / "adapter_config.json").is_file():
-            parser.error(f"--publish-only: {output_dir} holds no finished adapter (adapter_config.json)")
-        return args
-    missing = [f"--{name.replace('_', '-')}" for name in ("model", "train_data", "max_steps")
-               if getattr(args, name) is None]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)}")
-    args.target_modules = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "lora_r", "num_points",
-                 "objects_per_image"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.num_negative_points < 0 or args.overlay_images < 0:
-        parser.error("--num-negative-points and --overlay-images cannot be negative")
-    if not 0 < args.lr <= 1:  # also rejects nan; Adam moves each weight by ~lr per step
-        parser.error(f"--lr {args.lr} is out of range: expected 0 < lr <= 1 (LoRA usually takes 1e-5 to 1e-2)")
-    if not args.target_modules:
-        parser.error("--target-modules is empty")
-    if args.eval_every is not None and not args.val_data:
-        parser.error("--eval-every needs --val-data")
-    if args.val_data and args.eval_every is None:
-        args.eval_every = 200
-    if (args.metric_for_best or args.early_stopping_patience) and not args.val_data:
-        parser.error("--metric-for-best and --early-stopping-patience need --val-data")
-    if args.early_stopping_patience is not None and not args.metric_for_best:
-        parser.error("--early-stopping-patience needs --metric-for-best (the score that must improve)")
-    try:
-        args.trackers = trackers(args.report_to)
-    except ValueError as error:
-        parser.error(str(error))
-    problem = check_output_dir(output_dir, bool(args.resume))
+    problem = check_settings(args)
     if problem:
         parser.error(problem)
     return args
 
 
-def main(argv=None) -> PeftModel:
-    """Train; return the trained `PeftModel` (unwrapped) for callers that go on using it."""
-    args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    set_hub_timeout(HUB_TIMEOUT_S)
+def check_settings(args) -> str | None:
+    """What is wrong with the settings as a whole (flags that need or exclude each other, names, the output
+    folder), or None; fills in `target_modules` (a list), the `eval_every` default and `trackers`."""
+    if args.merge_to_sam and Path(args.merge_to_sam).exists():
+        return f"--merge-to-sam {args.merge_to_sam} already exists"
+    if args.push_to:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            return "--push-to needs a Hub token (HF_TOKEN or `hf auth login`)"
+    if args.base_revision and not args.model:
+        return "--base-revision needs --model"
+    try:
+        model = locate(args.model, args.base_revision) if args.model else None
+    except ToolError as error:
+        return str(error)
     if args.publish_only:
-        return publish_finished(output_dir, args.push_to, args.merge_to_sam)
-    accelerator = Accelerator(
-        cpu=args.cpu, mixed_precision=args.mixed_precision, log_with=args.trackers or None,
-        project_dir=str(output_dir / "runs"),
-        # With --train-decoder the IoU head gets no gradient unless --iou-loss-weight > 0.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_decoder)],
-    )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
-        raise SystemExit("error: launched as several processes, but they do not form one job (no GPU?): pass --cpu")
-    log = accelerator.print
+        if not (args.push_to or args.merge_to_sam):
+            return "--publish-only needs --push-to and/or --merge-to-sam"
+        if not (Path(args.output_dir) / "adapter_config.json").is_file():
+            return f"--publish-only: {args.output_dir} holds no adapter (adapter_config.json)"
+        return None
+    if args.allow_unfinished:
+        return "--allow-unfinished is for --publish-only"
+    missing = [f"--{name.replace('_', '-')}" for name in ("model", "train_data", "max_steps")
+               if getattr(args, name) is None]
+    if missing:
+        return f"the following arguments are required: {', '.join(missing)}"
+    if args.push_to and not model.is_hub:
+        return (f"--push-to: --model {args.model} is a local folder, and a published adapter must name a base its "
+                "users can load: publish the base first (push.py) and train on its Hub id")
+    args.target_modules = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    if not args.target_modules:
+        return "--target-modules is empty"
+    if args.eval_every is not None and not args.val_data:
+        return "--eval-every needs --val-data"
+    if args.val_data and args.eval_every is None:
+        args.eval_every = 200
+    if (args.metric_for_best or args.early_stopping_patience) and not args.val_data:
+        return "--metric-for-best and --early-stopping-patience need --val-data"
+    if args.early_stopping_patience is not None and not args.metric_for_best:
+        return "--early-stopping-patience needs --metric-for-best (the score that must improve)"
+    try:
+        args.trackers = trackers(args.report_to)
+    except ValueError as error:
+        return str(error)
+    return check_output_dir(Path(args.output_dir), args.resume)
 
-    base_name, base_revision = resolve_base(args.model, args.base_revision)
-    torch.manual_seed(args.seed)  # LoRA A init: identical on every process
-    model = build_model(base_name, base_revision, args.lora_r, args.lora_alpha, args.lora_dropout,
-                        args.target_modules, args.train_decoder, args.gradient_checkpointing)
-    processor, grid = sam_processor(model.config), mask_grid_size(model.config)
-    trainable = sum(p.numel() for p in trainable_state(model).values())
-    log(f"base {base_name}" + (f" @ {base_revision}" if base_revision else "")
-        + f"; trainable parameters {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
 
-    def dataset(spec, split):
-        source = open_source(spec, data_options(args, split))
-        images = scan(source, grid, args.strict_data, log)
-        return source, PromptedImages(source, images, processor, grid, args.prompt, args.num_points,
-                                      args.num_negative_points, args.box_jitter, args.seed, args.objects_per_image)
+# ----------------------------------------------------------------------------------------------------------- steps
 
-    _, train_set = dataset(args.train_data, args.train_split)
-    val_source, val_set = dataset(args.val_data, args.val_split) if args.val_data else (None, None)
 
-    optimizer = torch.optim.AdamW(trainable_state(model).values(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = transformers.get_scheduler(
-        "constant_with_warmup" if args.lr_scheduler == "constant" else args.lr_scheduler,
-        optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is stepped by hand once per optimizer step: `prepare` would step it once per process.
-    state = TrainState()
-    # What fixes the data order and the meaning of the weights: resuming with other values is refused.
-    run = {
-        "model": base_name, "revision": base_revision, "train_data": args.train_data if hub_dataset(args.train_data)
-        else str(Path(args.train_data).resolve()), "num_images": len(train_set),
-        "num_processes": accelerator.num_processes, "seed": args.seed,
-        **{k: getattr(args, k) for k in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
-                                          "lora_dropout", "target_modules", "train_decoder", "prompt", "num_points",
-                                          "num_negative_points", "objects_per_image", "box_jitter", "loss",
-                                          "iou_loss_weight", "lr", "weight_decay")},
-    }
-    accelerator.register_for_checkpointing(scheduler, state)
-    accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    metrics_path = output_dir / "metrics.jsonl"
-    if args.resume:
-        checkpoint = resume(accelerator, model, output_dir, args.resume, run, log)
-        log(f"resumed from {checkpoint} at step {state.step}")
-        if accelerator.is_main_process and metrics_path.exists():  # drop what the interrupted run logged later
-            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= state.step]
-            metrics_path.write_text("".join(l + "\n" for l in kept))
-    if args.trackers:
-        accelerator.init_trackers("finetune", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                      for k, v in run.items()})
-    accumulation = args.gradient_accumulation_steps
-    sampler = StreamBatchSampler(len(train_set), args.batch_size, accelerator.num_processes,
-                                 accelerator.process_index, args.seed, start=state.step * accumulation)
-    log(f"{accelerator.num_processes} process(es) x batch {args.batch_size} images x {accumulation} accumulation = "
-        f"{args.batch_size * accelerator.num_processes * accumulation} images per step, up to "
-        f"{args.objects_per_image} objects each; {sampler.batches_per_epoch / accumulation:.1f} steps per epoch")
-    batches = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
-                                               num_workers=args.num_workers))
-    val_loader = None
-    if val_set is not None:
-        val_loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(
-            val_set, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers))
-    val_names = [ref.name for ref in val_set.images] if val_set is not None else []
+@dataclass
+class Recipe:
+    """How a training step is computed."""
 
-    def record(entry):
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as file:
+    loss: str
+    iou_loss_weight: float
+    accumulation: int
+    max_grad_norm: float
+    seed: int
+    hq_token_only: bool
+
+
+@dataclass
+class Schedule:
+    """When validations, checkpoints, early stopping and tracker logs happen."""
+
+    max_steps: int
+    eval_every: int | None
+    save_every: int
+    keep_checkpoints: int
+    metric_for_best: str | None
+    early_stopping_patience: int | None
+    trackers: list
+
+
+@dataclass
+class Validation:
+    """The validation data, its loader and how many of its images are drawn."""
+
+    source: object
+    dataset: PromptedImages
+    loader: object
+    processor: object
+    pixel_loss: str
+    overlay_images: int
+    hq_token_only: bool
+
+
+@dataclass
+class Session:
+    """What the training loop works on: prepared objects, the step counter, where outputs go, the run record."""
+
+    accelerator: Accelerator
+    model: PeftModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: TrainState
+    output_dir: Path
+    run: dict  # the settings a checkpoint must match to be resumed
+    record: dict  # OUT/run.json
+    log: object
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+    def append_metrics(self, entry: dict) -> None:
+        if self.accelerator.is_main_process:
+            with self.metrics_path.open("a") as file:
                 file.write(json.dumps(entry) + "\n")
 
-    def validate():
-        overlay_dir = output_dir / "overlays" / f"step-{state.step:08d}"
 
-        def draw(record, predicted, batch, position):
-            if record["index"] < args.overlay_images:
-                overlay_dir.mkdir(parents=True, exist_ok=True)
-                image = val_source.image(val_set.images[record["index"]].key)
-                overlay(image, batch["masks"][position], predicted).save(
-                    overlay_dir / f"{record['index']:04d}-{Path(record['name']).stem}.png")
+def make_accelerator(cpu: bool, mixed_precision: str | None, trackers_: list, train_decoder: bool,
+                     output_dir: Path) -> Accelerator:
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=mixed_precision, log_with=trackers_ or None, project_dir=str(output_dir / "runs"),
+        # With --train-decoder the IoU head gets no gradient unless --iou-loss-weight > 0.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=train_decoder)],
+    )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise ToolError("launched as several processes, but they do not form one job (no GPU?): pass --cpu")
+    return accelerator
 
-        # Unwrapped: DDP's forward would broadcast buffers, a collective the prepared loader's even batches would
-        # make safe, but that evaluation does not need.
-        records = evaluate(accelerator, accelerator.unwrap_model(model), val_loader, processor, val_names, args.loss,
-                           on_image=draw)
-        summary = summarize(records, val_source.class_names)
-        loss = float(np.mean([obj["loss"] for record in records for obj in record["objects"]]))
-        entry = {"step": state.step, "val_loss": loss,
-                 **{f"val_{k}": summary[k] for k in ("dice", "iou", "image_dice", "image_iou")},
-                 "val_classes": summary["classes"]}
-        record(entry)
-        log(f"step {state.step}: validation Dice {summary['dice']:.4f}, IoU {summary['iou']:.4f} "
-            f"({summary['objects']} objects, {summary['images']} images), loss {loss:.4f}")
-        accelerator.wait_for_everyone()
-        if args.trackers:
-            scalars = {k: v for k, v in entry.items() if k not in ("step", "val_classes")}
-            scalars.update({f"val_dice/{name}": c["dice"] for name, c in summary["classes"].items()})
-            accelerator.log(scalars, step=state.step)
-            pictures = sorted(overlay_dir.glob("*.png")) if overlay_dir.is_dir() else []
-            images = {f"overlays/{p.stem}": np.asarray(Image.open(p).convert("RGB"))[None] for p in pictures}
-            for tracker in accelerator.trackers if accelerator.is_main_process and images else []:
-                tracker.log_images(images, step=state.step, **({"dataformats": "NHWC"}
-                                                               if tracker.name == "tensorboard" else {}))
-        if args.metric_for_best:
-            value = loss if args.metric_for_best == "loss" else summary[args.metric_for_best]
-            if state.improves(value, lower_is_better=args.metric_for_best == "loss"):
-                if accelerator.is_main_process:  # the best adapter so far, in place of the final one
-                    save_adapter(accelerator.unwrap_model(model), output_dir, "")
-                log(f"step {state.step}: best {args.metric_for_best} so far ({value:.4f})")
 
-    model.train()
-    if val_set is not None and state.step == 0:
-        validate()
-    progress = tqdm(total=args.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+def prompted_data(settings, spec: str, split: str, processor, log, training: bool) -> tuple:
+    """(source, PromptedImages) for one data argument: opened and every sample read once (`scan`)."""
+    source = open_source(spec, data_options(settings, split))
+    images = scan(source, processor, settings.strict_data, log)
+    return source, PromptedImages(source, images, processor, settings.prompt, settings.num_points,
+                                  settings.num_negative_points, settings.box_jitter if training else 0.0,
+                                  settings.seed, settings.objects_per_image)
+
+
+def load_data(accelerator, settings, processor) -> tuple:
+    """(training PromptedImages, Validation or None): both scanned before the model's weights are loaded."""
+    log = accelerator.print
+    _, train_set = prompted_data(settings, settings.train_data, settings.train_split, processor, log, True)
+    if not settings.val_data:
+        return train_set, None
+    source, val_set = prompted_data(settings, settings.val_data, settings.val_split, processor, log, False)
+    loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(
+        val_set, batch_size=settings.batch_size, collate_fn=collate, num_workers=settings.num_workers))
+    return train_set, Validation(source, val_set, loader, processor, settings.loss, settings.overlay_images,
+                                 settings.hq_token_only)
+
+
+def make_optimizer(model, lr: float, weight_decay: float, lr_scheduler: str, warmup_steps: int, max_steps: int):
+    optimizer = torch.optim.AdamW(trainable_state(model).values(), lr=lr, weight_decay=weight_decay)
+    scheduler = transformers.get_scheduler(
+        "constant_with_warmup" if lr_scheduler == "constant" else lr_scheduler,
+        optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps,
+    )
+    return optimizer, scheduler
+
+
+def run_settings(settings, base: Location, num_images: int, num_processes: int) -> dict:
+    """What fixes the data order and the meaning of the weights: resuming with other values is refused."""
+    train_data = settings.train_data if hub_dataset(settings.train_data) else str(Path(settings.train_data).resolve())
+    return {
+        "model": base.name, "revision": base.revision, "train_data": train_data, "num_images": num_images,
+        "num_processes": num_processes, "seed": settings.seed,
+        **{k: getattr(settings, k) for k in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
+                                              "lora_dropout", "target_modules", "train_decoder", "prompt",
+                                              "num_points", "num_negative_points", "objects_per_image", "box_jitter",
+                                              "loss", "iou_loss_weight", "lr", "weight_decay",
+                                              "hq_token_only")},
+    }
+
+
+def run_record(settings, run: dict) -> dict:
+    """OUT/run.json at the start: not finished, no adapter yet; `finish` completes it."""
+    return {"finished": False, "max_steps": settings.max_steps, "steps": None, "adapter_step": None,
+            "metric_for_best": settings.metric_for_best, "train_decoder": settings.train_decoder,
+            "train_data": settings.train_data, "val_data": settings.val_data,
+            "hyperparameters": {k: v for k, v in run.items() if k not in ("model", "revision", "train_data")}}
+
+
+def start(session: Session, resume_from: str | None, metric_for_best: str | None) -> None:
+    """Resume (`--resume`: weights, optimizer, scheduler, step, best score) and trim metrics.jsonl to the resumed
+    step; then create OUT and record the run as not finished."""
+    accelerator, state, log = session.accelerator, session.state, session.log
+    if resume_from:
+        checkpoint = resume(accelerator, session.model, session.output_dir, resume_from, session.run, log)
+        log(f"resumed from {checkpoint} at step {state.step}")
+        if accelerator.is_main_process:
+            keep_metrics_until(session.metrics_path, state.step, log)
+        session.record["adapter_step"] = state.best_step if metric_for_best else None
+    if accelerator.is_main_process:
+        session.output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_record(session.output_dir, session.record)
+    accelerator.wait_for_everyone()
+
+
+def training_batches(accelerator, train_set, batch_size: int, num_workers: int, seed: int, accumulation: int,
+                     start_step: int, log):
+    sampler = StreamBatchSampler(len(train_set), batch_size, accelerator.num_processes, accelerator.process_index,
+                                 seed, start=start_step * accumulation)
+    log(f"{accelerator.num_processes} process(es) x batch {batch_size} images x {accumulation} accumulation = "
+        f"{batch_size * accelerator.num_processes * accumulation} images per step, up to "
+        f"{train_set.objects_per_image} objects each; {sampler.batches_per_epoch / accumulation:.1f} steps per epoch")
+    return iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
+                                            num_workers=num_workers))
+
+
+def next_batch(batches, device, output_dir: Path) -> dict:
+    """The next training batch on `device`; a sample that can no longer be read (an image deleted or overwritten
+    since the scan) stops the run with one line naming it and the checkpoint to resume from."""
+    try:
+        batch = next(batches)
+    except (OSError, ToolError) as error:
+        text = str(error).strip()
+        # A DataLoader worker's error carries the worker's traceback: its last line names the file.
+        reason = text.splitlines()[-1] if "Traceback" in text else text
+        raise ToolError(f"the training data changed since it was scanned ({reason}); {resume_hint(output_dir)}, "
+                        "after restoring the data") from None
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(session: Session, batches, recipe: Recipe) -> tuple[float, list]:
+    """One optimizer step over `recipe.accumulation` micro-batches: (mean loss, [images, objects] over processes).
+    A loss or gradient that is not finite stops the run before the weights change."""
+    accelerator, model, step = session.accelerator, session.model, session.state.step
+    step_loss = torch.zeros((), device=accelerator.device)
+    step_counts = torch.zeros(2, device=accelerator.device)  # images, objects
+    for micro in range(recipe.accumulation):
+        batch = next_batch(batches, accelerator.device, session.output_dir)
+        # Dropout masks as a function of (seed, step, micro-batch, process): identical after --resume.
+        torch.manual_seed(int(np.random.SeedSequence(
+            [recipe.seed, step, micro, accelerator.process_index]).generate_state(1)[0]))
+        sync = contextlib.nullcontext() if micro == recipe.accumulation - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                losses, _ = object_losses(model, batch, recipe.loss, recipe.iou_loss_weight, recipe.hq_token_only)
+                loss = losses.mean() / recipe.accumulation  # mean over this micro-batch's objects
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+        step_counts += torch.tensor([len(batch["pixel_values"]), len(losses)], device=accelerator.device)
+    # Checked before stepping: a checkpoint never holds weights made from a non-finite loss or gradient.
+    step_loss = accelerator.reduce(step_loss, "mean").item()
+    gradients = [p.grad for p in trainable_state(model).values()]
+    if not math.isfinite(step_loss) or (accelerator.scaler is None and not all_finite(gradients)):
+        what = f"loss is {step_loss}" if not math.isfinite(step_loss) else "gradients are not finite"
+        raise ToolError(f"{what} at step {step + 1}; the weights of step {step} are kept unchanged. Lower --lr or "
+                        "drop --mixed-precision")
+    if recipe.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+    session.optimizer.step()
+    session.scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    session.state.step += 1
+    return step_loss, accelerator.reduce(step_counts, "sum").tolist()
+
+
+def draw_overlay(validation: Validation, folder: Path, record: dict, predicted, batch: dict, position: int) -> None:
+    """`evaluate`'s per-image hook: ground truth | prediction for the first `overlay_images` images."""
+    if record["index"] < validation.overlay_images:
+        folder.mkdir(parents=True, exist_ok=True)
+        image = validation.source.image(validation.dataset.images[record["index"]].key)
+        overlay(image, batch["masks"][position], predicted).save(
+            folder / f"{record['index']:04d}-{Path(record['name']).stem}.png")
+
+
+def validate(session: Session, validation: Validation) -> tuple[dict, Path]:
+    """Score the model on the validation data (a progress bar per validation): (metrics entry, overlay folder)."""
+    accelerator, step = session.accelerator, session.state.step
+    overlay_dir = session.output_dir / "overlays" / f"step-{step:08d}"
+    names = [ref.name for ref in validation.dataset.images]
+    loader = tqdm(validation.loader, desc=f"validation at step {step}", unit="batch", leave=False,
+                  disable=not accelerator.is_local_main_process)
+    # Unwrapped: DDP's forward would broadcast buffers, a collective the prepared loader's even batches would make
+    # safe, but that evaluation does not need.
+    records = evaluate(accelerator, accelerator.unwrap_model(session.model), loader, validation.processor, names,
+                       validation.pixel_loss, on_image=functools.partial(draw_overlay, validation, overlay_dir),
+                       hq_token_only=validation.hq_token_only)
+    summary = summarize(records, validation.source.class_names)
+    loss = float(np.mean([obj["loss"] for record in records for obj in record["objects"]]))
+    session.log(f"step {step}: validation Dice {summary['dice']:.4f}, IoU {summary['iou']:.4f} "
+                f"({summary['objects']} objects, {summary['images']} images), loss {loss:.4f}")
+    return validation_entry(step, {**summary, "loss": loss}), overlay_dir
+
+
+def report_validation(session: Session, entry: dict, overlay_dir: Path, trackers_: list) -> None:
+    """metrics.jsonl, and the trackers' scalars (overall and per class) and overlay images."""
+    accelerator = session.accelerator
+    session.append_metrics(entry)
+    accelerator.wait_for_everyone()
+    if not trackers_:
+        return
+    scalars = {k: v for k, v in entry.items() if k not in ("step", "val_classes")}
+    scalars.update({f"val_dice/{name}": c["dice"] for name, c in entry["val_classes"].items()})
+    accelerator.log(scalars, step=entry["step"])
+    pictures = sorted(overlay_dir.glob("*.png")) if overlay_dir.is_dir() else []
+    images = {f"overlays/{p.stem}": np.asarray(Image.open(p).convert("RGB"))[None] for p in pictures}
+    for tracker in accelerator.trackers if accelerator.is_main_process and images else []:
+        tracker.log_images(images, step=entry["step"], **({"dataformats": "NHWC"}
+                                                           if tracker.name == "tensorboard" else {}))
+
+
+def keep_if_best(session: Session, entry: dict, metric: str) -> None:
+    """`--metric-for-best`: the adapter of the best validation so far replaces OUT's adapter (a tie keeps the
+    earlier one, so when nothing beats the base it stays the step-0 adapter)."""
+    value = entry[f"val_{metric}"]
+    if session.state.improves(value, lower_is_better=metric == "loss"):
+        if session.accelerator.is_main_process:
+            save_adapter(session.accelerator.unwrap_model(session.model), session.output_dir, "")
+            session.record["adapter_step"] = session.state.step
+            write_run_record(session.output_dir, session.record)
+        session.log(f"step {session.state.step}: best {metric} so far ({value:.4f})")
+
+
+def validate_and_report(session: Session, validation: Validation, schedule: Schedule) -> None:
+    entry, overlay_dir = validate(session, validation)
+    report_validation(session, entry, overlay_dir, schedule.trackers)
+    if schedule.metric_for_best:
+        keep_if_best(session, entry, schedule.metric_for_best)
+
+
+def train(session: Session, batches, recipe: Recipe, schedule: Schedule, validation: Validation | None) -> None:
+    """Validate the base (step 0), then step until `max_steps` or an early stop, validating, logging and
+    checkpointing on schedule. Ctrl-C says where to resume from."""
+    accelerator, state, log = session.accelerator, session.state, session.log
+    session.model.train()
+    progress = tqdm(total=schedule.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="finetune", dynamic_ncols=True)
-    started, first_step = time.perf_counter(), state.step
-    images_seen = objects_seen = 0
-    while state.step < args.max_steps:
-        step_loss = torch.zeros((), device=accelerator.device)
-        step_counts = torch.zeros(2, device=accelerator.device)  # images, objects
-        for micro in range(accumulation):
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-            # Dropout masks as a function of (seed, step, micro-batch, process): identical after --resume.
-            torch.manual_seed(int(np.random.SeedSequence(
-                [args.seed, state.step, micro, accelerator.process_index]).generate_state(1)[0]))
-            sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
-            with sync:
-                with accelerator.autocast():
-                    losses, _ = object_losses(model, batch, args.loss, args.iou_loss_weight)
-                    loss = losses.mean() / accumulation  # mean over this micro-batch's objects
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-            step_counts += torch.tensor([len(batch["pixel_values"]), len(losses)], device=accelerator.device)
-        # Checked before stepping: a checkpoint never holds weights made from a non-finite loss or gradient.
-        step_loss = accelerator.reduce(step_loss, "mean").item()
-        gradients = [p.grad for p in trainable_state(model).values()]
-        if not math.isfinite(step_loss) or (accelerator.scaler is None and not all_finite(gradients)):
-            what = f"loss is {step_loss}" if not math.isfinite(step_loss) else "gradients are not finite"
-            raise SystemExit(f"error: {what} at step {state.step + 1}; the weights of step {state.step} are kept "
-                             "unchanged. Lower --lr or drop --mixed-precision")
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        counts = accelerator.reduce(step_counts, "sum").tolist()
-        images_seen, objects_seen = images_seen + counts[0], objects_seen + counts[1]
-
-        record({"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
-        if args.trackers:
-            accelerator.log({"loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=state.step)
-        progress.set_postfix(loss=f"{step_loss:.4f}")
-        progress.update()
-        if val_set is not None and (state.step % args.eval_every == 0 or state.step == args.max_steps):
-            validate()
-        stop = bool(args.early_stopping_patience and state.evals_since_best >= args.early_stopping_patience)
-        if args.save_every and (state.step % args.save_every == 0 or state.step == args.max_steps or stop):
-            save_checkpoint(accelerator, model, output_dir, state.step, args.keep_checkpoints, run)
-        if stop:
-            log(f"early stop at step {state.step}: no better {args.metric_for_best} in "
-                f"{args.early_stopping_patience} validations (best {state.best:.4f} at step {state.best_step})")
-            break
+    started, first_step, seen = time.perf_counter(), state.step, np.zeros(2)
+    try:
+        if validation is not None and state.step == 0:
+            validate_and_report(session, validation, schedule)
+        while state.step < schedule.max_steps:
+            loss, counts = train_step(session, batches, recipe)
+            seen += counts
+            lr = session.scheduler.get_last_lr()[0]
+            session.append_metrics({"step": state.step, "loss": loss, "lr": lr})
+            if schedule.trackers:
+                accelerator.log({"loss": loss, "lr": lr}, step=state.step)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            progress.update()
+            if validation is not None and (state.step % schedule.eval_every == 0 or state.step == schedule.max_steps):
+                validate_and_report(session, validation, schedule)
+            patience = schedule.early_stopping_patience
+            stop = bool(patience and state.evals_since_best >= patience)
+            if schedule.save_every and (state.step % schedule.save_every == 0 or state.step == schedule.max_steps
+                                        or stop):
+                save_checkpoint(accelerator, session.model, session.output_dir, state.step,
+                                schedule.keep_checkpoints, session.run)
+            if stop:
+                log(f"early stop at step {state.step}: no better {schedule.metric_for_best} in {patience} "
+                    f"validations (best {state.best:.4f} at step {state.best_step})")
+                break
+    except KeyboardInterrupt:
+        progress.close()
+        log(f"\ninterrupted at step {state.step}; {resume_hint(session.output_dir)}")
+        raise
     progress.close()
     if state.step > first_step:
         elapsed = time.perf_counter() - started
         log(f"{state.step - first_step} steps in {elapsed:.1f} s: {(state.step - first_step) / elapsed:.3f} steps/s, "
-            f"{images_seen / elapsed:.2f} images/s, {objects_seen / elapsed:.2f} objects/s")
+            f"{seen[0] / elapsed:.2f} images/s, {seen[1] / elapsed:.2f} objects/s")
 
-    digests = gather_object([weights_digest(model)])
+
+def finish(session: Session, base: Location, metric_for_best: str | None, push_to: str | None) -> PeftModel:
+    """Check that every process holds the same weights; on the main process, put the best adapter back (with
+    `--metric-for-best`), write the reports, the card and the adapter, then mark the run finished in run.json."""
+    accelerator, state, log, output_dir = session.accelerator, session.state, session.log, session.output_dir
+    digests = gather_object([weights_digest(session.model)])
     if len(set(digests)) != 1:
-        raise RuntimeError(f"processes ended with different trainable weights: {digests}")
+        raise ToolError(f"processes ended with different trainable weights: {digests}")
     log(f"trainable weights sha256 per process: {digests}")
-    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # also drops the autocast wrapper
-    if accelerator.is_main_process:
-        if args.metric_for_best and state.best_step is not None:
-            set_peft_model_state_dict(unwrapped, load_file(output_dir / "adapter_model.safetensors"))
-            log(f"adapter: the best {args.metric_for_best} ({state.best:.4f}) at step {state.best_step}")
-        results = finish_reports(output_dir, metrics_path, state.best_step if args.metric_for_best else None, log)
-        hyperparameters = {k: v for k, v in run.items() if k not in ("model", "revision", "train_data")}
-        card = model_card(base_name, base_revision, args.push_to or output_dir.name,
-                          base_license(base_name, base_revision), [hub_dataset(args.train_data),
-                                                                   hub_dataset(args.val_data)],
-                          args.val_data, results, {"steps": state.step, **hyperparameters})
-        save_adapter(unwrapped, output_dir, card)
-        print(f"adapter saved to {output_dir}")
-        publish(unwrapped, output_dir, args.push_to, args.merge_to_sam, f"LoRA adapter after {state.step} steps")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    unwrapped = accelerator.unwrap_model(session.model, keep_fp32_wrapper=False)  # also drops the autocast wrapper
+    if not accelerator.is_main_process:
+        return unwrapped
+    record = {**session.record, "finished": True, "steps": state.step, "adapter_step": state.step}
+    best_step = state.best_step if metric_for_best else None
+    if best_step is not None:
+        set_peft_model_state_dict(unwrapped, load_file(output_dir / "adapter_model.safetensors"))
+        record["adapter_step"] = best_step
+        log(f"adapter: the best {metric_for_best} ({state.best:.4f}) at step {best_step}"
+            + (": no validation beat the base model, so the adapter is the untrained one" if best_step == 0 else ""))
+    finish_reports(output_dir, session.metrics_path, best_step, log)
+    save_adapter(unwrapped, output_dir, write_card(output_dir, record, base, push_to or output_dir.name, log))
+    write_run_record(output_dir, record)  # after the adapter: "finished" means the adapter in OUT is the final one
+    print(f"adapter saved to {output_dir}")
     return unwrapped
 
 
 def finish_reports(output_dir: Path, metrics_path: Path, best_step: int | None, log) -> dict | None:
     """Training curves PNG; with validation, `eval_results.json` and a printed table of the base model's scores
     (step 0) next to the fine-tuned ones (the best step with --metric-for-best, else the last). Returns the latter."""
-    entries = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    entries = read_metrics(metrics_path, log)
     if entries:
         plot_curves(metrics_path, output_dir / "curves.png")
     evaluations = {e["step"]: e for e in entries if "val_dice" in e}
     if not evaluations:
         return None
-
-    def scores(entry):
-        return {"dice": entry["val_dice"], "iou": entry["val_iou"], "image_dice": entry["val_image_dice"],
-                "image_iou": entry["val_image_iou"], "loss": entry["val_loss"], "classes": entry["val_classes"],
-                "objects": sum(c["objects"] for c in entry["val_classes"].values())}
-
     tuned_step = best_step if best_step is not None else max(evaluations)
-    base, tuned = scores(evaluations[min(evaluations)]), scores(evaluations[tuned_step])
+    base, tuned = validation_scores(evaluations[min(evaluations)]), validation_scores(evaluations[tuned_step])
     (output_dir / "eval_results.json").write_text(json.dumps(
         {"base": {"step": min(evaluations), **base}, "fine_tuned": {"step": tuned_step, **tuned}}, indent=1))
     log(side_by_side(base, tuned, tuned_step))
     return tuned
 
 
+def main(argv=None) -> PeftModel:
+    """Train; return the trained `PeftModel` (unwrapped) for callers that go on using it. Failures the user can act
+    on raise `ToolError` (the command line prints them as one line, through `run_tool`)."""
+    settings = parse_args(argv)
+    set_hub_timeout(HUB_TIMEOUT_S)
+    output_dir = Path(settings.output_dir)
+    if settings.publish_only:
+        return publish_finished(output_dir, settings.push_to, settings.merge_to_sam, settings.allow_unfinished,
+                                settings.model, settings.base_revision)
+    base = resolve_model(settings.model, settings.base_revision)
+    accelerator = make_accelerator(settings.cpu, settings.mixed_precision, settings.trackers, settings.train_decoder,
+                                   output_dir)
+    log = accelerator.print
+    config = model_config(base)
+    if settings.merge_to_sam:
+        check_merge_to_sam(config)  # before anything slow
+    processor = model_processor(config)
+    train_set, validation = load_data(accelerator, settings, processor)
+
+    torch.manual_seed(settings.seed)  # LoRA A init: identical on every process
+    model = build_model(load_model(base), settings.lora_r, settings.lora_alpha, settings.lora_dropout,
+                        settings.target_modules, settings.train_decoder, settings.gradient_checkpointing, base)
+    log(f"base {base}; trainable parameters {sum(p.numel() for p in trainable_state(model).values()):,} of "
+        f"{sum(p.numel() for p in model.parameters()):,}")
+    optimizer, scheduler = make_optimizer(model, settings.lr, settings.weight_decay, settings.lr_scheduler,
+                                          settings.warmup_steps, settings.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped by hand once per optimizer step: `prepare` would step it once per process.
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    run = run_settings(settings, base, len(train_set), accelerator.num_processes)
+    session = Session(accelerator, model, optimizer, scheduler, state, output_dir, run, run_record(settings, run), log)
+    start(session, settings.resume, settings.metric_for_best)
+    if settings.trackers:
+        accelerator.init_trackers("finetune", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                      for k, v in run.items()})
+    batches = training_batches(accelerator, train_set, settings.batch_size, settings.num_workers, settings.seed,
+                               settings.gradient_accumulation_steps, state.step, log)
+    recipe = Recipe(settings.loss, settings.iou_loss_weight, settings.gradient_accumulation_steps,
+                    settings.max_grad_norm, settings.seed, settings.hq_token_only)
+    schedule = Schedule(settings.max_steps, settings.eval_every, settings.save_every, settings.keep_checkpoints,
+                        settings.metric_for_best, settings.early_stopping_patience, settings.trackers)
+    train(session, batches, recipe, schedule, validation)
+
+    model = finish(session, base, settings.metric_for_best, settings.push_to)
+    if accelerator.is_main_process:
+        publish(model, output_dir, settings.push_to, settings.merge_to_sam, f"LoRA adapter after {state.step} steps")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return model
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

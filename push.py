@@ -1,11 +1,14 @@
-"""Convert a stock SAM checkpoint to a split-q/k/v `SamSplitModel` repo, verify it, and publish it in one commit.
+"""Convert a stock SAM, SAM-HQ or SAM 2.1 checkpoint to its split-q/k/v twin's repo, verify it, and publish it in one
+commit.
 
     python push.py --source facebook/sam-vit-base --repo-id my-org/sam-vit-base-split
+    python push.py --source facebook/sam2.1-hiera-tiny --repo-id my-org/sam2.1-hiera-tiny-split
 
 builds the repository in a temporary folder (code files, config.json with a local `auto_map`, split safetensors
 weights, the source's processor config, a model card), reloads it in a fresh process through
-`AutoModel.from_pretrained(..., trust_remote_code=True)` and compares image embeddings, masks and IoU scores with the
-source `SamModel` on a fixed input, and only then uploads everything in a single commit. It prints the commit sha to
+`AutoModel.from_pretrained(..., trust_remote_code=True)` and compares the outputs with the source model's on a fixed
+input (image embeddings, masks and IoU scores; SAM-HQ's intermediate embeddings, SAM 2's every feature level and object
+scores), and only then uploads everything in a single commit. It prints the commit sha to
 pin with `revision=`.
 
 Offline (no Hub reachable), build and verify only, from a local checkpoint or from random weights:
@@ -18,6 +21,7 @@ with status 1 and one `error:` line; nothing is committed and no folder is left 
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
@@ -30,28 +34,35 @@ from string import Template
 import torch
 from huggingface_hub import ModelCardData, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
-from transformers import SamConfig, SamModel
+from transformers.dynamic_module_utils import get_relative_import_files
 
-from sam_split import SamSplitModel
-from sam_split.compat import hub_failure_types, sam_preprocessor_config, set_hub_timeout
-from sam_split.configuration_sam_split import SAM_SIZES
-from sam_split.hub_tools import (
-    ToolError, atomic_output_dir, hub_failure, hub_user, max_differences, publish_folder, reload_and_run, run_tool,
-    sam_outputs, step, verification_inputs,
+from sam_split.split_qkv import describe_left_out
+from sam_split.tools import onnx_export
+from sam_split.tools.cli import ToolError, check_repo_id, check_revision, parse_size, run_tool, step
+from sam_split.tools.compat import hub_failure_types, set_hub_timeout
+from sam_split.tools.family import (
+    RANDOM_PREFIX,
+    Member,
+    checkpoint_model_type,
+    member_for_config,
+    member_for_model_type,
+    member_for_random,
+    random_stock_model,
 )
-from sam_split.modeling_sam_split import load_stock_sam
+from sam_split.tools.files import atomic_output_dir, check_new_folder
+from sam_split.tools.hub import hub_failure, hub_user, publish_folder
+from sam_split.tools.verify import max_differences, reload_and_run, sam_outputs, verification_inputs
 
 HERE = Path(__file__).resolve().parent
-RANDOM_PREFIX = "random:"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # A Hub id as `from_pretrained` takes it: `name` (legacy, no namespace) or `namespace/name`.
 HUB_ID_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
 class Source:
-    """What `--source` names, decided once: "random" (`name` is a key of SAM_SIZES), "folder" (`name` is its path) or
+    """What `--source` names, decided once: "random" (`name` is a size of `tools.family`, e.g. "sam2.1-hiera-tiny"),
+    "folder" (`name` is its path) or
     "hub" (`name` is the repository id, `revision` the optional branch, tag or commit)."""
 
     kind: str
@@ -68,15 +79,15 @@ def parse_source(text: str, revision: str | None) -> Source:
     """`--source` and `--source-revision` as a `Source`; a `ValueError` says what was expected."""
     if text.startswith(RANDOM_PREFIX):
         size = text[len(RANDOM_PREFIX):]
-        if size not in SAM_SIZES:
-            raise ValueError(f"expected one of {', '.join(RANDOM_PREFIX + name for name in SAM_SIZES)}, got {text!r}")
+        member_for_random(size)  # a ValueError lists the names
         kind = "random"
     elif Path(text).exists() or text.startswith((".", "/", "~")) or not HUB_ID_PATTERN.match(text):
         size, kind = str(Path(text).expanduser()), "folder"
     else:
         size, kind = text, "hub"
     if revision is not None and kind != "hub":
-        raise ValueError(f"--source-revision is for Hub ids; {text!r} is a {'local folder' if kind == 'folder' else 'random model'}")
+        what = "local folder" if kind == "folder" else "random model"
+        raise ValueError(f"--source-revision is for Hub ids; {text!r} is a {what}")
     return Source(kind, size, revision)
 
 
@@ -94,12 +105,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_argument_group("source")
     source.add_argument(
         "--source", required=True,
-        help="stock SAM checkpoint: a Hub model id, a local folder, or random:vit-base|vit-large|vit-huge for a "
-             "randomly initialised model (demonstration only: its masks mean nothing)",
+        help="stock SAM, SAM-HQ or SAM 2/2.1 (image or video) checkpoint: a Hub model id, a local folder, or "
+             "random:<size> for a randomly initialised model (demonstration only: its masks mean nothing), "
+             "<size> one of sam-vit-base|large|huge, sam-tiny (small, fine-tunes in minutes on a CPU), "
+             "sam-hq-vit-base|large|huge, sam2.1-hiera-tiny|small|base-plus|large (vit-base|large|huge: SAM's)",
     )
     source.add_argument("--source-revision", help="branch, tag or commit of a Hub --source")
     source.add_argument("--allow-pickle", action="store_true",
-                        help="accept a source with only pytorch_model.bin (pickle) weights; safetensors is required otherwise")
+                        help="accept a source with only pytorch_model.bin (pickle) weights; safetensors is required "
+                             "otherwise")
     target = parser.add_argument_group("target")
     target.add_argument("--repo-id", help="Hub repository to create or update, e.g. my-org/sam-vit-base-split")
     target.add_argument("--revision", default="main", help="branch to commit to (created from main if missing)")
@@ -112,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds to wait for any answer from the Hub before giving up (default 60)")
     target.add_argument("--output-dir", type=Path, help="also keep the built repository in this new folder")
     target.add_argument("--no-push", action="store_true", help="build and verify only; needs --output-dir")
+    target.add_argument("--onnx", action="store_true",
+                        help="also export onnx/ (onnxruntime, transformers.js; verified in onnxruntime) into the same "
+                             "commit; needs the onnx extra: pip install -e \".[onnx]\"")
     checks = parser.add_argument_group("checks")
     checks.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
     checks.add_argument("--atol", type=float, default=1e-4,
@@ -121,45 +138,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--no-push needs --output-dir (otherwise the verified build would be thrown away)")
     if not args.no_push and args.repo_id is None:
         parser.error("--repo-id is required unless --no-push is given")
-    if args.repo_id is not None and not REPO_ID_PATTERN.match(args.repo_id):
-        parser.error(f"--repo-id must look like 'namespace/name', got {args.repo_id!r}")
     if args.token is not None and not args.token.strip():
         parser.error("--token is empty; pass a token, or leave --token out to use HF_TOKEN or `hf auth login`")
-    if args.output_dir is not None and args.output_dir.exists():
-        if not args.output_dir.is_dir():
-            parser.error(f"--output-dir {args.output_dir} exists and is not a folder; choose a new folder")
-        if any(args.output_dir.iterdir()):
-            parser.error(f"--output-dir {args.output_dir} exists and is not empty; choose a new folder")
+    try:  # everything the Hub would refuse after the long conversion is refused now, with the reason
+        if args.repo_id is not None:
+            check_repo_id(args.repo_id, flag="--repo-id")
+        check_revision(args.revision, flag="--revision")
+        args.max_shard_size = parse_size(args.max_shard_size, flag="--max-shard-size")
+        if args.output_dir is not None:
+            check_new_folder(args.output_dir, flag="--output-dir")
+    except ToolError as error:
+        parser.error(str(error))
     try:
         args.source = parse_source(args.source, args.source_revision)
     except ValueError as error:
         parser.error(f"--source: {error}")
     if args.create_pr and args.revision != "main":
         parser.error("--create-pr opens a pull request against the default branch; drop --revision")
-    if args.atol <= 0:
-        parser.error("--atol must be positive")
-    if args.timeout <= 0:
-        parser.error("--timeout must be positive")
+    if not (math.isfinite(args.atol) and args.atol > 0):
+        parser.error(f"--atol must be a positive number, got {args.atol}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     return args
 
 
-def random_sam(size: str) -> SamModel:
-    """A stock SamModel of a released size with N(0, 0.05) weights everywhere: transformers 5 initialises some weights
-    (rel-pos tables, positional embeddings) to zero, and random values make the verification meaningful."""
-    config = SamConfig(vision_config=SAM_SIZES[size])
-    torch.manual_seed(0)
-    model = SamModel(config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for tensor in model.state_dict().values():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
-    return model.eval()
+@dataclass(frozen=True)
+class Loaded:
+    """The source's stock model, its family member, and the weights of the checkpoint left out (SAM 2 video's
+    memory: the twin is the image model)."""
+
+    member: Member
+    model: torch.nn.Module
+    left_out: list
 
 
-def load_source(source: Source, allow_pickle: bool) -> SamModel:
-    """The stock SamModel to convert; refuses anything that is not a complete stock SAM checkpoint."""
+def load_source(source: Source, allow_pickle: bool) -> Loaded:
+    """The stock model to convert; refuses anything that is not a complete stock checkpoint of the SAM family."""
     if source.kind == "random":
-        return random_sam(source.name)
+        member, model = random_stock_model(source.name)
+        return Loaded(member, model, [])
     if source.kind == "folder":
         folder = Path(source.name)
         if not folder.is_dir():
@@ -173,10 +190,13 @@ def load_source(source: Source, allow_pickle: bool) -> SamModel:
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        return load_stock_sam(source.name, **kwargs).eval()
+        member = member_for_model_type(checkpoint_model_type(source.name, source.revision))
+        model, left_out = member.twin.load_stock(source.name, **kwargs)
     except Exception as error:  # noqa: BLE001 - whatever the loader raises (truncated file, wrong shape, network), the source is at fault
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ToolError(f"--source {source}: cannot load it as a stock SAM checkpoint: {reason}") from error
+        raise ToolError(f"--source {source}: cannot load it as a stock SAM checkpoint (SAM, SAM-HQ or SAM 2): "
+                        f"{reason}") from error
+    return Loaded(member, model.eval(), left_out)
 
 
 def source_file(source: Source, name: str) -> Path | None:
@@ -194,27 +214,37 @@ def source_file(source: Source, name: str) -> Path | None:
         raise hub_failure(f"--source {source}: downloading {name} failed", error) from error
 
 
-def write_processor_files(source: Source, destination: Path, image_size: int) -> None:
-    """Copy the source's processor configuration, so `AutoProcessor.from_pretrained(repo)` works on the result."""
+def write_processor_files(source: Source, destination: Path, default: dict) -> None:
+    """Copy the source's processor configuration, so `AutoProcessor.from_pretrained(repo)` works on the result; a
+    source without one gets `default` (the family's standard preprocessing)."""
     found = {name: path for name in PROCESSOR_FILES if (path := source_file(source, name)) is not None}
     for name, path in found.items():
         shutil.copyfile(path, destination / name)
     if not found:
-        (destination / "preprocessor_config.json").write_text(json.dumps(sam_preprocessor_config(image_size), indent=2) + "\n")
+        (destination / "preprocessor_config.json").write_text(json.dumps(default, indent=2) + "\n")
 
 
-def model_card(source: Source, repo_name: str, config) -> str:
+def code_files(twin: type) -> list[str]:
+    """The code files a twin's repository holds: its modeling file and every file that imports relatively (what
+    `save_pretrained` copies), with its configuration file."""
+    modeling = sys.modules[twin.__module__].__file__
+    configuration = sys.modules[twin.config_class.__module__].__file__
+    return sorted({Path(path).name for path in [modeling, configuration, *get_relative_import_files(modeling)]})
+
+
+def model_card(source: Source, repo_name: str, config, files: list[str] | None = None, left_out=()) -> str:
     """The README.md: YAML metadata (`base_model` only for a Hub source: a local path or a random model is no Hub
-    model to link to) and the usage text of model_card_template.md."""
+    model to link to) and the usage text of model_card_template.md, naming the family, the code `files` the
+    repository holds (default: those the twin's `save_pretrained` writes) and the source weights `left_out`."""
+    member = member_for_config(config)
     random_weights = source.kind == "random"
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="mask-generation",
         license="apache-2.0",
         base_model=source.name if source.kind == "hub" else None,
-        tags=["sam", "segment-anything", "custom_code", "lora", "peft"] + (["random-weights"] if random_weights else []),
+        tags=[*member.card_tags, "custom_code", "lora", "peft"] + (["random-weights"] if random_weights else []),
     )
-    vision = config.vision_config
     described = {
         "random": f"`{source}`",
         "folder": f"the local checkpoint `{Path(source.name).name}`",
@@ -222,16 +252,23 @@ def model_card(source: Source, repo_name: str, config) -> str:
     }[source.kind]
     body = Template((HERE / "model_card_template.md").read_text()).substitute(
         repo_id=repo_name,
+        family=member.name,
+        family_doc=member.doc_url,
+        twin=member.twin.__name__,
+        stock=member.stock_class.__name__,
         source=described,
-        sizes=f"hidden size {vision.hidden_size}, {vision.num_hidden_layers} layers, {vision.num_attention_heads} "
-              f"heads, global attention in layers {list(vision.global_attn_indexes)}",
+        sizes=member.describe(config),
+        code_files=", ".join(f"`{name}`" for name in (files if files is not None else code_files(member.twin))),
+        post_process=member.post_process,
+        left_out=f"The source is a video model: {describe_left_out(left_out)} were left out; this is its image "
+                 "model.\n" if left_out else "",
         warning="> **Randomly initialised weights**: this repository was built from `random:` for demonstration; "
                 "its masks mean nothing.\n" if random_weights else "",
     )
     return f"---\n{card_data.to_yaml()}\n---\n\n{body}"
 
 
-def verify(folder: Path, source: SamModel, atol: float) -> dict:
+def verify(folder: Path, source: torch.nn.Module, twin_name: str, atol: float) -> dict:
     """Reload `folder` as a user would (fresh process, empty modules cache, remote code) and compare its image
     embeddings, masks and IoU scores with `source`'s. Returns the max abs differences; a `ToolError` if any is above
     `atol`."""
@@ -239,46 +276,60 @@ def verify(folder: Path, source: SamModel, atol: float) -> dict:
     started = time.monotonic()
     reloaded = reload_and_run({"the build": (str(folder), None)}, inputs, progress=lambda line: step(f"  {line}"))
     reloaded = next(iter(reloaded.values()))
-    if reloaded.model_class != "SamSplitModel":
-        raise ToolError(f"verification: AutoModel built a {reloaded.model_class}, not a SamSplitModel")
+    if reloaded.model_class != twin_name:
+        raise ToolError(f"verification: AutoModel built a {reloaded.model_class}, not a {twin_name}")
     step("Computing the source's outputs on the same input")
     diffs = max_differences(reloaded.outputs, sam_outputs(source.float(), inputs))
     report = ", ".join(f"{name} {diff:.2e}" for name, diff in diffs.items())
     if not all(diff <= atol for diff in diffs.values()):
-        raise ToolError(f"verification failed: max abs differences {report} exceed --atol {atol:g}; nothing was uploaded")
+        raise ToolError(f"verification failed: max abs differences {report} exceed --atol {atol:g}; nothing was "
+                        "uploaded")
     step(f"Verified against the source in {time.monotonic() - started:.0f} s: max abs differences {report} "
          f"(tolerance {atol:g})")
     return diffs
 
 
-def build(source_model: SamModel, source: Source, folder: Path, repo_name: str, max_shard_size: str) -> None:
-    """Write the split repository into `folder`: code, config, weights, processor config, model card."""
+def build(loaded: Loaded, source: Source, folder: Path, repo_name: str, max_shard_size: str,
+          onnx: bool = False) -> None:
+    """Write the split repository into `folder`: code, config, weights, processor config, model card, and with `onnx`
+    the onnx/ graphs, verified in onnxruntime against the source model."""
     step("Splitting qkv")
-    model = SamSplitModel.from_sam(source_model)
+    model = loaded.member.twin.from_stock(loaded.model)
     step(f"Writing the repository (weights in shards of at most {max_shard_size})")
     model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
-    write_processor_files(source, folder, model.config.vision_config.image_size)
-    (folder / "README.md").write_text(model_card(source, repo_name, model.config))
+    write_processor_files(source, folder, loaded.member.processor_config(model.config))
+    files = sorted(path.name for path in folder.glob("*.py"))
+    (folder / "README.md").write_text(model_card(source, repo_name, model.config, files, loaded.left_out))
+    if onnx:
+        onnx_export.export_model(model, folder, reference=loaded.model)
 
 
 def push(args) -> None:
     set_hub_timeout(args.timeout)
+    if args.onnx:  # a missing onnx extra fails now, not after the long conversion
+        onnx_export.require_onnx()
     if not args.no_push:  # a refused token fails now, not after the long conversion
         step(f"Pushing as {hub_user(args.token)} to {constants.ENDPOINT}")
     # The build folder first: an unwritable --output-dir is reported before the long conversion.
     with atomic_output_dir(args.output_dir) as folder:
-        step(f"Loading the source SAM checkpoint {args.source}")
-        source_model = load_source(args.source, args.allow_pickle)
-        build(source_model, args.source, folder, args.repo_id or args.output_dir.name, args.max_shard_size)
+        step(f"Loading the source checkpoint {args.source}")
+        loaded = load_source(args.source, args.allow_pickle)
+        step(f"Converting a stock {loaded.member.stock_class.__name__} to {loaded.member.twin.__name__}"
+             + (f"; left out {describe_left_out(loaded.left_out)}" if loaded.left_out else ""))
+        build(loaded, args.source, folder, args.repo_id or args.output_dir.name, args.max_shard_size,
+              args.onnx)
         step("Verifying: reloading the built repository with AutoModel(trust_remote_code=True) in a fresh process")
-        verify(folder, source_model, args.atol)
+        verify(folder, loaded.model, loaded.member.twin.__name__, args.atol)
         if not args.no_push:
             size_mb = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
-            step(f"Uploading {size_mb:.1f} MB to {args.repo_id} in one commit")
+            step(f"Uploading {size_mb:.1f} MB to {args.repo_id} in one commit that makes {args.revision} hold exactly "
+                 "this folder (files it does not hold are deleted)")
             commit = publish_folder(
                 folder, args.repo_id, revision=args.revision, create_pr=args.create_pr, private=args.private,
                 token=args.token, commit_message=args.commit_message or f"Split q/k/v SAM converted from {args.source}",
             )
+            note = f" ({commit.note})" if commit.note else ""
+            step(f"Checked: commit {commit.sha} holds exactly the verified files{note}")
     if not args.no_push:
         print(f"\nCommitted {commit.sha} to {args.repo_id}"
               + (f" as pull request {commit.url}" if commit.pull_request else f" ({commit.url})"))

@@ -43,48 +43,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from bench_common import SIZES, add_lora, encoder_gflop, fmt, max_abs_diff, random_stock_sam, sam_config, sample_inputs
 from transformers import SamConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from sam_testing import (  # noqa: E402
-    add_lora,
-    max_abs_diff,
-    random_stock_sam,
-    sample_inputs,
-    tiny_sam_config,
-    vit_base_config,
-)
+from sam_split import SamSplitModel, attention_sam_split
 
-from sam_split import SamSplitModel  # noqa: E402
-from sam_split import modeling_sam_split  # noqa: E402
-
-SIZES = {"vit-base": vit_base_config, "tiny": tiny_sam_config}
 ENCODERS = ("stock-eager", "stock-sdpa", "stock-sdpa-compiled", "ours", "ours-compiled", "segment-anything")
 TRAIN_STEPS = ("train-sdpa-math", "train-sdpa-math-ckpt", "train-ours", "train-ours-ckpt")
-
-
-def sam_config(size: str, image_size: int | None) -> SamConfig:
-    config = SIZES[size]().to_dict()
-    if image_size:
-        config["vision_config"]["image_size"] = config["prompt_encoder_config"]["image_size"] = image_size
-        config["prompt_encoder_config"].pop("image_embedding_size")  # derived from image_size in __init__
-    return SamConfig(**{name: config[name] for name in ("vision_config", "prompt_encoder_config", "mask_decoder_config")})
-
-
-def encoder_gflop(config: SamConfig) -> float:
-    """fp32 FLOPs (2 per multiply-add) of one image through the vision encoder, as computed, i.e. with the windowed
-    layers' padding; softmax, norms and activations are left out."""
-    vision = config.vision_config
-    grid, channels, mlp = vision.image_size // vision.patch_size, vision.hidden_size, vision.mlp_dim
-    flops = 2 * grid**2 * channels * vision.num_channels * vision.patch_size**2  # patch embedding
-    for index in range(vision.num_hidden_layers):
-        window = grid if index in vision.global_attn_indexes else vision.window_size
-        tokens = (-(-grid // window) * window) ** 2  # padded to whole windows
-        flops += 2 * tokens * channels * (4 * channels + 2 * mlp)  # q, k, v, proj, mlp
-        flops += 4 * tokens * window**2 * channels  # q @ k^T and probs @ v over each window
-        flops += 2 * tokens * channels * 2 * window  # decomposed relative-position bias
-    flops += 2 * grid**2 * vision.output_channels * (channels + 9 * vision.output_channels)  # neck
-    return flops / 1e9
 
 
 def best_seconds(function, repeats: int = 8) -> float:
@@ -188,14 +153,15 @@ def build(spec: dict):
         def run():
             with torch.no_grad():
                 expected, actual = reference(**inputs), ours(**inputs)
-            return {key: max_abs_diff(getattr(expected, key), getattr(actual, key)) for key in ("pred_masks", "iou_scores")}
+            return {key: max_abs_diff(getattr(expected, key), getattr(actual, key))
+                    for key in ("pred_masks", "iou_scores")}
         return run
 
     if name.startswith("train-"):
         model = SamSplitModel.from_sam(stock)
         del stock
         if "sdpa-math" in name:  # this worker process only
-            modeling_sam_split.attention = stock_sdpa_math
+            attention_sam_split.attention = stock_sdpa_math  # what the split attention body calls
         if name.endswith("-ckpt"):
             model.activation_checkpointing_enable()
         model = add_lora(model, seed=1).to(device).train()
@@ -248,7 +214,7 @@ def round_robin(specs: list[dict], repeats: int) -> list[dict]:
     # Workers fork from a server that imported the libraries once but ran nothing, so they start in well under a
     # second yet are as fresh as spawned ones (no OpenMP thread pool or CUDA context inherited).
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers", "peft", "sam_split", "sam_testing"])
+    context.set_forkserver_preload(["torch", "transformers", "peft", "sam_split", "bench_common"])
     workers = []
     for spec in specs:
         parent_end, child_end = context.Pipe()
@@ -270,8 +236,8 @@ def round_robin(specs: list[dict], repeats: int) -> list[dict]:
                 row["first_call_s"] = answer
             else:
                 row["times_s"].append(answer)
-            print(f"  {row['name']:<22} batch {row['batch_size']}  {answer if isinstance(answer, dict) else f'{answer:.2f} s'}",
-                  flush=True)
+            shown = answer if isinstance(answer, dict) else f'{answer:.2f} s'
+            print(f"  {row['name']:<22} batch {row['batch_size']}  {shown}", flush=True)
     for row, (_, connection, process) in zip(rows, workers):
         if "error" not in row:
             connection.send("finish")
@@ -286,10 +252,6 @@ def ratio(value, reference):
     return None if value is None or not reference else value / reference
 
 
-def fmt(value, spec=".2f"):
-    return "-" if value is None else format(value, spec)
-
-
 def summarise(rows: list[dict], reference: str, diff_reference: str, floor_s_per_image: float | None = None) -> None:
     """Per batch size: time and peak RSS as ratios to `reference`'s, time to the floor, max abs diff of the output
     to `diff_reference`'s (the output tensors are dropped, to keep the JSON small)."""
@@ -302,7 +264,8 @@ def summarise(rows: list[dict], reference: str, diff_reference: str, floor_s_per
             if floor_s_per_image:
                 row["x_floor"] = ratio(row.get("median_s"), floor_s_per_image * batch_size)
             if "output" in diff_base:
-                row["max_abs_diff"] = max_abs_diff(torch.from_numpy(row["output"]), torch.from_numpy(diff_base["output"]))
+                row["max_abs_diff"] = max_abs_diff(torch.from_numpy(row["output"]),
+                                                   torch.from_numpy(diff_base["output"]))
     for row in rows:
         row.pop("output", None)
 
@@ -310,7 +273,8 @@ def summarise(rows: list[dict], reference: str, diff_reference: str, floor_s_per
 def print_table(title: str, rows: list[dict], reference: str) -> None:
     """max|diff| is against stock eager's output (encoder) or the baseline's LoRA gradients (training step)."""
     print(f"\n{title}")
-    header = (f"{'configuration':<22} {'batch':>5} {'first s':>8} {'median s':>9} {'x ' + reference:>14} {'x floor':>8} "
+    header = (f"{'configuration':<22} {'batch':>5} {'first s':>8} {'median s':>9} "
+              f"{'x ' + reference:>14} {'x floor':>8} "
               f"{'base GB':>8} {'peak GB':>8} {'RSS x ' + reference:>18} {'max|diff|':>10}")
     print(header)
     print("-" * len(header))
@@ -318,21 +282,24 @@ def print_table(title: str, rows: list[dict], reference: str) -> None:
         if "error" in row:
             print(f"{row['name']:<22} {row['batch_size']:>5}  skipped: {row['error']}")
             continue
-        print(f"{row['name']:<22} {row['batch_size']:>5} {fmt(row.get('first_call_s')):>8} {fmt(row.get('median_s')):>9} "
-              f"{fmt(row.get('time_ratio')):>14} {fmt(row.get('x_floor')):>8} {fmt(row.get('baseline_rss_gb')):>8} "
+        print(f"{row['name']:<22} {row['batch_size']:>5} "
+              f"{fmt(row.get('first_call_s')):>8} {fmt(row.get('median_s')):>9} "
+              f"{fmt(row.get('time_ratio')):>14} {fmt(row.get('x_floor')):>8} "
+              f"{fmt(row.get('baseline_rss_gb')):>8} "
               f"{fmt(row.get('peak_rss_gb')):>8} {fmt(row.get('rss_ratio')):>18} "
               f"{fmt(row.get('max_abs_diff'), '.1e'):>10}")
 
 
 def main(argv=None) -> dict:
-    if torch.cuda.is_available():
-        import bench_gpu
-
-        return bench_gpu.main(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    if torch.cuda.is_available():  # one GPU process measures it all: bench_gpu.py, run in its place
+        gpu_script = str(Path(__file__).with_name("bench_gpu.py"))
+        os.execv(sys.executable, [sys.executable, gpu_script, *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--config", choices=sorted(SIZES), default="vit-base", help="model size (default vit-base)")
-    parser.add_argument("--image-size", type=int, help="input side in pixels (default: the config's, 1024 for vit-base)")
+    parser.add_argument("--image-size", type=int,
+                        help="input side in pixels (default: the config's, 1024 for vit-base)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="encoder batch sizes (default 1 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per configuration after a first call")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=ENCODERS + TRAIN_STEPS,
@@ -370,9 +337,11 @@ def main(argv=None) -> dict:
         "encoder_gflop_per_image": gflop, "loadavg_start": os.getloadavg(), "qkv_projection": qkv,
         "malloc_mmap_threshold": args.malloc_mmap_threshold,
     }
-    print(f"{args.config} encoder at {meta['image_size']}px: {gflop:.0f} GFLOP/image; fp32 GEMM now {gemm:.0f} GFLOP/s; "
+    print(f"{args.config} encoder at {meta['image_size']}px: {gflop:.0f} GFLOP/image; "
+          f"fp32 GEMM now {gemm:.0f} GFLOP/s; "
           f"{meta['cpu_threads']} threads on {device}; load {meta['loadavg_start']}")
-    print(f"q, k, v projections of {qkv['tokens']} tokens: three GEMMs {qkv['three_gemms_s'] * 1e3:.1f} ms, one fused GEMM "
+    print(f"q, k, v projections of {qkv['tokens']} tokens: "
+          f"three GEMMs {qkv['three_gemms_s'] * 1e3:.1f} ms, one fused GEMM "
           f"{qkv['fused_gemm_s'] * 1e3:.1f} ms ({qkv['fused_gemm_s'] / qkv['three_gemms_s']:.2f}x)")
 
     base = {"size": args.config, "image_size": args.image_size, "device": device}

@@ -22,19 +22,14 @@ import copy
 import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from bench_common import SIZES, add_lora, encoder_gflop, fmt, max_abs_diff, random_stock_sam, sam_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bench_encoder import SIZES, encoder_gflop, fmt, sam_config  # noqa: E402
-from sam_testing import add_lora, max_abs_diff, random_stock_sam  # noqa: E402
-
-from sam_split import SamSplitModel  # noqa: E402
+from sam_split import SamSplitModel
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -102,7 +97,8 @@ def training_runner(model, pixel_values, boxes, device: str):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run of this script")
     parser.add_argument("--config", choices=sorted(SIZES), default="vit-base")
@@ -129,14 +125,16 @@ def main(argv=None) -> dict:
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__,
             "transformers": transformers.__version__, "encoder_gflop_per_image": gflop, "gemm_bf16_tflops": tflops}
     print(f"{meta['gpu'] or device}, torch {torch.__version__}, transformers {transformers.__version__}; {args.config} "
-          f"at {size}px: {gflop:.0f} GFLOP/image; bf16 GEMM {tflops:.0f} TFLOP/s -> floor {gflop / tflops:.2f} ms/image")
+          f"at {size}px: {gflop:.0f} GFLOP/image; "
+          f"bf16 GEMM {tflops:.0f} TFLOP/s -> floor {gflop / tflops:.2f} ms/image")
 
     with torch.no_grad():  # accuracy at batch 1, against stock eager in fp32 (same seed: same weights)
         eager = random_stock_sam(config, attn_implementation="eager").vision_encoder.to(device)
         reference = eager(images[:1]).last_hidden_state
         del eager
     rows = []
-    plans = [(dtype_name, batch, False) for dtype_name, batches in (("bf16", args.batch_sizes), ("fp32", args.fp32_batch_sizes))
+    plans = [(dtype_name, batch, False)
+             for dtype_name, batches in (("bf16", args.batch_sizes), ("fp32", args.fp32_batch_sizes))
              for batch in batches] + [("bf16", batch, True) for batch in args.compiled_batch_sizes]
     encoders = {}
     for dtype_name, batch, compiled in plans:
@@ -179,7 +177,8 @@ def main(argv=None) -> dict:
     train[1]["memory_ratio"] = train[1]["peak_gb"] / train[0]["peak_gb"] if train[0]["peak_gb"] else None
 
     print(f"\nVision encoder, {args.config} {size}px, median of {args.repeats} (ratios: ours / stock, same row kind)")
-    header = f"{'configuration':<16} {'dtype':>5} {'batch':>5} {'ms':>9} {'x stock':>8} {'x floor':>8} {'peak GB':>8} {'mem x':>6} {'max|diff|':>9}"
+    header = (f"{'configuration':<16} {'dtype':>5} {'batch':>5} {'ms':>9} {'x stock':>8} {'x floor':>8} "
+              f"{'peak GB':>8} {'mem x':>6} {'max|diff|':>9}")
     print(header + "\n" + "-" * len(header))
     for row in rows:
         print(f"{row['name']:<16} {row['dtype']:>5} {row['batch']:>5} {row['median_s'] * 1e3:>9.1f} "

@@ -19,11 +19,15 @@ Endpoints (``{t}`` is ``models`` or ``datasets``; ``{p}`` is ``""`` or ``dataset
     POST      /api/repos/create                   POST  /api/validate-yaml   (a README.md's front matter)
     GET       /api/{t}/{repo}                     GET   /api/{t}/{repo}/revision/{rev}
     GET       /api/{t}/{repo}/tree/{rev}[/{path}] POST  /api/{t}/{repo}/paths-info/{rev}
-    POST      /api/{t}/{repo}/preupload/{rev}     POST  /api/{t}/{repo}/commit/{rev}[?create_pr=1]  (adds files)
+    POST      /api/{t}/{repo}/preupload/{rev}     POST  /api/{t}/{repo}/commit/{rev}[?create_pr=1]
     POST      /api/{t}/{repo}/branch/{branch}     POST  /api/{t}/{repo}/tag/{rev}
     POST      /api/{t}/{repo}/duplicate
     POST      /api/{t}/{repo}/discussions         GET   /api/{t}/{repo}/discussions/{num}   (pull requests only)
+    GET       /api/{t}/{repo}/commits/{rev}       GET   /api/{t}/{repo}/refs[?include_prs=1]
     GET|HEAD  /{p}{repo}/resolve/{rev}/{path}     (single byte ranges)
+
+A commit adds files inline and deletes files and folders; one of more than ``max_commit_files`` operations or a body
+over ``max_commit_bytes`` is refused with 413 before the store is locked.
 
 A full 40-hex revision always means that commit: branches and tags may not be named like one.
 
@@ -52,6 +56,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -71,7 +76,12 @@ DEFAULT_ORGS = ("forker", "upstream")
 ZERO_OID = "0" * 40
 LFS_SPEC = "version https://git-lfs.github.com/spec/v1"
 LFS_THRESHOLD = 10 * 1024 * 1024  # larger files are stored in LFS whatever .gitattributes says, as on the Hub
-MAX_COMMIT_BODY = 1024**3  # NDJSON commits carry every file base64-encoded
+# The Hub bounds what one commit may carry; these are the defaults, settable per server (HubServer's max_commit_bytes
+# and max_commit_files, the CLI's --max-commit-bytes/--max-commit-files) so that tests can reach them with small data.
+# Commits here carry every file inline, base64-encoded (see "Uploads"), so the body bound leaves room for a vit-base.
+MAX_COMMIT_BODY = 1024**3
+MAX_COMMIT_FILES = 5000  # a commit of 20,000 files would hold the store lock for over a minute
+FAULTS = ("500", "drop", "hang")  # see HubServer.fail_next_commit
 MAX_JSON_BODY = 16 * 1024**2
 DRAIN_LIMIT = 1024**2  # an unread body up to this size is read before an error reply, to keep the connection usable
 GIT_TIMEOUT = 300
@@ -177,14 +187,15 @@ def goes_to_lfs(path, data, patterns):
     )
 
 
-def parse_commit(body):
-    """(message, parent commit or None, {path: content}) of an NDJSON commit request."""
-    header, additions = {}, {}
+def parse_commit(body, max_files=None):
+    """(message, parent commit or None, {path: content}, [deleted path, folder paths ending in "/"]) of an NDJSON
+    commit request; over ``max_files`` operations is a 413, as on the Hub."""
+    header, additions, deletions = {}, {}, []
     for number, line in enumerate(body.splitlines(), 1):
         try:
             item = json.loads(line)
             key, value = item["key"], dict(item["value"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: a deeply nested line
             raise HubError(400, f"Malformed NDJSON line {number}") from None
         path = value.get("path")
         if key == "header":
@@ -194,12 +205,32 @@ def parse_commit(body):
                 additions[check_path(path)] = base64.b64decode(value.get("content", ""), validate=True)
             except (ValueError, TypeError):
                 raise HubError(400, f"Invalid base64 content for {path!r}") from None
-        else:  # "lfsFile" (preupload never asks for LFS) and deletions, which no client here sends
-            raise HubError(400, f"Unsupported commit operation {key!r}: this server only adds files, inline")
+        elif key in ("deletedFile", "deletedFolder"):
+            folder = key == "deletedFolder"
+            deletions.append(check_path(path.rstrip("/") if folder and isinstance(path, str) else path)
+                             + ("/" if folder else ""))
+        else:  # "lfsFile": preupload never asks for LFS
+            raise HubError(400, f"Unsupported commit operation {key!r}: this server takes files inline")
+        if max_files is not None and len(additions) + len(deletions) > max_files:
+            raise HubError(413, f"Too many files in one commit: at most {max_files} operations per commit")
     summary, description = (str(header.get(key) or "").strip() for key in ("summary", "description"))
     if not summary:
         raise HubError(400, "The commit header needs a non-empty 'summary'")
-    return summary + (f"\n\n{description}" if description else "") + "\n", header.get("parentCommit"), additions
+    message = summary + (f"\n\n{description}" if description else "") + "\n"
+    return message, header.get("parentCommit"), additions, deletions
+
+
+def apply_deletions(repo_id, files, deletions):
+    """Remove deleted files and folders from ``files`` ({path: oid}); deleting what is not there is a 404."""
+    for path in deletions:
+        if path.endswith("/"):
+            inside = [name for name in files if name.startswith(path)]
+            if not inside:
+                raise HubError(404, f"Folder not found: {path} (repository {repo_id})", "EntryNotFound")
+            for name in inside:
+                del files[name]
+        elif files.pop(path, None) is None:
+            raise HubError(404, f"Entry not found: {path} (repository {repo_id})", "EntryNotFound")
 
 
 class Entry(collections.namedtuple("Entry", "path type oid size lfs")):
@@ -411,6 +442,8 @@ ROUTES = [
     ("POST", REPO + r"/paths-info/([^/]+)", "paths_info", False),
     ("POST", REPO + r"/preupload/([^/]+)", "preupload", True),
     ("POST", REPO + r"/commit/([^/]+)", "commit", True),
+    ("GET", REPO + r"/commits/([^/]+)", "commits", False),
+    ("GET", REPO + r"/refs", "list_refs", False),
     ("POST", REPO + r"/branch/(.+)", "create_branch", True),
     ("POST", REPO + r"/tag/(.+)", "create_tag", True),
     ("POST", REPO + r"/duplicate", "duplicate", True),
@@ -431,6 +464,9 @@ class Handler(BaseHTTPRequestHandler):
     orgs = ()
     verbose = False
     request_log = None
+    max_commit_bytes = MAX_COMMIT_BODY
+    max_commit_files = MAX_COMMIT_FILES
+    faults = None  # a list shared with HubServer: what to do after the next commits are applied
 
     def do_GET(self):
         self.dispatch()
@@ -455,7 +491,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as error:  # a server bug: say so, with the traceback on stderr
             sys.stderr.write(f"[hub] internal error on {self.command} {self.path}:\n{traceback.format_exc()}")
-            self.send_error_json(HubError(500, f"Internal server error: {type(error).__name__}: {error}"))
+            reason = str(error).replace(self.store.root, "<storage>")  # the storage path is no client's business
+            self.send_error_json(HubError(500, f"Internal server error: {type(error).__name__}: {reason}"))
 
     def log_request(self, code="-", size="-"):
         self.request_log.append({"method": self.command, "path": self.path, "status": int(code),
@@ -526,7 +563,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def repo_url(self, repo_type, repo_id):
         """The repository's URL as the client addressed this server (a proxy in front of it included): clients check
-        that it starts with their endpoint. Only a loopback Host header is echoed; anything else gets our own address."""
+        that it starts with their endpoint. Only a loopback Host header is echoed; anything else gets our own
+        address."""
         host = self.headers.get("Host", "")
         if not RE_LOOPBACK_HOST.fullmatch(host):
             host = f"{HOST}:{self.server.server_address[1]}"
@@ -659,7 +697,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def commit(self, type_path, namespace, name, revision):
         repo_type, repo_id, git_dir, _ = self.writable(type_path, namespace, name)
-        message, parent, additions = parse_commit(self.read_body(MAX_COMMIT_BODY))
+        message, parent, additions, deletions = parse_commit(self.read_body(self.max_commit_bytes),
+                                                             self.max_commit_files)
         create_pr = self.query.get("create_pr", "").lower() in ("1", "true")
         with self.store.lock:
             refs = self.store.refs(git_dir)
@@ -677,6 +716,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise HubError(412, f"A commit has happened since {parent}: {ref} is at {base}")
                 base = parent_sha
             files = {path: entry.oid for path, entry in self.store.tree(git_dir, base).items() if entry.type == "file"}
+            apply_deletions(repo_id, files, deletions)
             attributes = self.store.read_blob(git_dir, files[".gitattributes"]) if ".gitattributes" in files else b""
             for path, data in additions.items():
                 attributes = data if path == ".gitattributes" else attributes
@@ -690,11 +730,48 @@ class Handler(BaseHTTPRequestHandler):
                 self.store.update_ref(git_dir, f"refs/pr/{pr_number}", sha, ZERO_OID)
             else:
                 self.store.update_ref(git_dir, ref, sha, refs[ref])
+        self.injected_fault()
         url = self.repo_url(repo_type, repo_id)
         self.send_json({
             "success": True, "commitOid": sha, "commitUrl": f"{url}/commit/{sha}", "commitMessage": message.rstrip(),
             "hookOutput": "", "pullRequestUrl": f"{url}/discussions/{pr_number}" if pr_number else None,
         })
+
+    def injected_fault(self):
+        """After a commit is applied: lose its answer if a test asked for it (HubServer.fail_next_commit)."""
+        fault = self.faults.pop(0) if self.faults else None
+        if fault == "500":
+            raise HubError(500, "Internal server error (injected after the commit was applied)")
+        if fault == "drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            raise ConnectionResetError("injected: connection dropped after the commit was applied")
+        if fault is not None and fault.startswith("hang"):
+            time.sleep(float(fault.partition(":")[2] or 30))
+
+    def commits(self, type_path, namespace, name, revision):
+        """The history of a revision, newest first, as ``list_repo_commits`` reads it (one page)."""
+        _, repo_id, git_dir, _ = self.readable(type_path, namespace, name)
+        sha = self.store.resolve(git_dir, repo_id, revision)
+        out = self.store.git(git_dir, "log", "-z", "--format=%H%x1f%an%x1f%ct%x1f%B", "--end-of-options", sha)
+        commits = []
+        for record in filter(None, out.decode("utf-8", "replace").split("\0")):
+            oid, author, timestamp, body = record.strip("\n").split("\x1f", 3)
+            title, _, message = body.strip().partition("\n")
+            commits.append({"id": oid, "authors": [{"user": author}], "date": iso_time(timestamp),
+                            "title": title, "message": message.strip()})
+        self.send_json(commits)
+
+    def list_refs(self, type_path, namespace, name):
+        """Branches, tags and (with include_prs) pull requests, as ``list_repo_refs`` reads them."""
+        _, _, git_dir, _ = self.readable(type_path, namespace, name)
+        refs = self.store.refs(git_dir)
+        def listed(prefix):
+            return [{"name": ref[len(prefix):], "ref": ref, "targetCommit": sha} for ref, sha in sorted(refs.items())
+                    if ref.startswith(prefix)]
+        pulls = listed("refs/pr/") if self.query.get("include_prs") in ("1", "true") else []
+        self.send_json({"branches": listed("refs/heads/"), "tags": listed("refs/tags/"), "converts": [],
+                        "pullRequests": [{**pull, "name": pull["ref"]} for pull in pulls]})
 
     def create_branch(self, type_path, namespace, name, branch):
         _, repo_id, git_dir, _ = self.writable(type_path, namespace, name)
@@ -777,8 +854,12 @@ class Handler(BaseHTTPRequestHandler):
             # the Hub's ETag of an LFS file is its sha256, which the clients check the download against
             headers.update({"ETag": f'"{entry.lfs[0]}"', "X-Linked-Etag": f'"{entry.lfs[0]}"',
                             "X-Linked-Size": str(entry.lfs[1])})
-            with open(self.store.lfs_path(repo_type, repo_id, entry.lfs[0]), "rb") as file:
-                data = file.read()
+            try:
+                with open(self.store.lfs_path(repo_type, repo_id, entry.lfs[0]), "rb") as file:
+                    data = file.read()
+            except FileNotFoundError:  # a pointer committed as a regular file, to an object this server never had
+                raise HubError(404, f"LFS object missing for {path} (repository {repo_id})", "EntryNotFound",
+                               {"X-Repo-Commit": sha}) from None
         else:
             data = self.store.read_blob(git_dir, entry.oid)
         size, status, start, end = len(data), 200, 0, len(data)
@@ -807,17 +888,35 @@ class HubServer:
     request acts as ``user``.
     """
 
-    def __init__(self, root, port=0, token=None, user="tester", orgs=DEFAULT_ORGS, verbose=False):
+    def __init__(self, root, port=0, token=None, user="tester", orgs=DEFAULT_ORGS, verbose=False,
+                 max_commit_bytes=MAX_COMMIT_BODY, max_commit_files=MAX_COMMIT_FILES):
         self.store = Store(root, user)
         self.token = token
         self._request_log = collections.deque(maxlen=10000)
-        handler = type("HubHandler", (Handler,), {
+        self._faults = []
+        self.handler = type("HubHandler", (Handler,), {
             "store": self.store, "token": token, "orgs": tuple(orgs), "verbose": verbose,
-            "request_log": self._request_log,
+            "request_log": self._request_log, "max_commit_bytes": max_commit_bytes,
+            "max_commit_files": max_commit_files, "faults": self._faults,
         })
+        handler = self.handler
         self.httpd = _ThreadingServer((HOST, port), handler)
         self.url = f"http://{HOST}:{self.httpd.server_address[1]}"
         self._thread = None
+
+    def fail_next_commit(self, fault):
+        """Lose the answer to the next commit, which is applied all the same: "500" answers an error, "drop" closes
+        the connection without an answer, "hang:SECONDS" answers after SECONDS (past a client's timeout)."""
+        if fault.partition(":")[0] not in FAULTS:
+            raise ValueError(f"fault {fault!r}: expected one of {FAULTS}")
+        self._faults.append(fault)
+
+    def set_limits(self, max_commit_bytes=None, max_commit_files=None):
+        """Change the commit bounds of a running server (None: leave as is)."""
+        if max_commit_bytes is not None:
+            self.handler.max_commit_bytes = max_commit_bytes
+        if max_commit_files is not None:
+            self.handler.max_commit_files = max_commit_files
 
     @property
     def root(self):
@@ -863,9 +962,14 @@ def main(argv=None):
     parser.add_argument("--org", action="append", help=f"an org of the user, whose namespace it may write to "
                                                        f"(repeatable; default: {' '.join(DEFAULT_ORGS)})")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument("--max-commit-bytes", type=int, default=MAX_COMMIT_BODY,
+                        help=f"largest commit request body, else 413 (default {MAX_COMMIT_BODY})")
+    parser.add_argument("--max-commit-files", type=int, default=MAX_COMMIT_FILES,
+                        help=f"most file operations in one commit, else 413 (default {MAX_COMMIT_FILES})")
     args = parser.parse_args(argv)
     server = HubServer(args.root, port=args.port, token=args.token, user=args.user,
-                       orgs=DEFAULT_ORGS if args.org is None else args.org, verbose=args.verbose)
+                       orgs=DEFAULT_ORGS if args.org is None else args.org, verbose=args.verbose,
+                       max_commit_bytes=args.max_commit_bytes, max_commit_files=args.max_commit_files)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -22,6 +22,52 @@ def tiny_sam_config(**vision_overrides) -> SamConfig:
     )
 
 
+def config_kwargs(config) -> dict:
+    """`config`'s fields as keyword arguments for another config class of the same sizes (its `model_type` left out)."""
+    return {name: value for name, value in config.to_dict().items() if name != "model_type"}
+
+
+def tiny_sam_hq_config(**vision_overrides):
+    """`tiny_sam_config`'s sizes as a stock `SamHQConfig` (the HQ mask decoder reads the first global layer,
+    32 wide)."""
+    from transformers import SamHQConfig
+
+    sam = tiny_sam_config(**vision_overrides).to_dict()
+    decoder = dict(sam["mask_decoder_config"], vit_dim=sam["vision_config"]["hidden_size"])
+    return SamHQConfig(vision_config=sam["vision_config"], prompt_encoder_config=sam["prompt_encoder_config"],
+                       mask_decoder_config=decoder)
+
+
+def tiny_sam2_config():
+    """A stock `Sam2Config` with every Hiera block kind, for many forwards per second: 64x64 images, a 16x16 grid of
+    4-px patches; 4 stages of widths 8, 16, 32, 64 (blocks 0 | 1 2 | 3 4 | 5). Blocks 1, 3 and 5 start a stage: they
+    pool the query (dim != dim_out), block 1 inside windows of 4, blocks 3 and 5 in windows of 2; block 4 is global,
+    blocks 0 and 2 windowed. Feature levels 16x16, 8x8, 4x4 (the 4x4 one is the mask decoder's image embedding)."""
+    from transformers import Sam2Config
+
+    backbone = dict(
+        model_type="sam2_hiera_det_model", hidden_size=8, num_attention_heads=1, image_size=[64, 64],
+        blocks_per_stage=[1, 2, 2, 1], embed_dim_per_stage=[8, 16, 32, 64], num_attention_heads_per_stage=[1, 2, 2, 4],
+        window_size_per_stage=[4, 2, 2, 2], global_attention_blocks=[4],
+        window_positional_embedding_background_size=[4, 4],
+    )
+    return Sam2Config(
+        vision_config=dict(backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
+                           backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=16),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16),
+        mask_decoder_config=dict(hidden_size=16, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16),
+    )
+
+
+def random_stock(model_class, config, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A stock transformers model of `model_class` (SamModel, SamHQModel, Sam2Model, Sam2VideoModel) with random
+    N(0, 0.05) weights, in eval mode."""
+    config = type(config).from_dict(config.to_dict())
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return randomize_(model_class(config), seed).eval()
+
+
 def vit_base_config() -> SamConfig:
     """The sizes of facebook/sam-vit-base."""
     from sam_split.configuration_sam_split import SAM_SIZES  # here: some child processes prove the package is absent
@@ -47,14 +93,11 @@ def sam_model_tester_config(**vision_overrides) -> SamConfig:
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Overwrite every parameter and buffer with N(0, std): transformers 5 may initialise weights near zero (rel-pos
-    tables, positional embeddings), and parity on near-zero weights proves nothing."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * std)
-    return model
+    """`sam_split.tools.family.randomize_`: every weight and buffer N(0, std) (imported here, when called: some child
+    processes run these helpers where the package is not importable)."""
+    from sam_split.tools.family import randomize_ as randomize
+
+    return randomize(model, seed, std)
 
 
 def random_stock_sam(config: SamConfig | None = None, seed: int = 0, attn_implementation: str = "sdpa") -> SamModel:

@@ -3,11 +3,11 @@
 import json
 
 import pytest
+from sam_testing import config_kwargs, tiny_sam_config
 from transformers import AutoConfig, SamConfig
 
 from sam_split import SamSplitConfig
 from sam_split.configuration_sam_split import AUTO_MAP
-from sam_testing import tiny_sam_config
 
 
 def test_defaults_are_sam_defaults_under_own_model_type():
@@ -20,7 +20,7 @@ def test_defaults_are_sam_defaults_under_own_model_type():
 
 
 def test_save_load_round_trip(tmp_path):
-    config = SamSplitConfig(**{k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"})
+    config = SamSplitConfig(**config_kwargs(tiny_sam_config()))
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "sam_split" and saved["auto_map"] == AUTO_MAP
@@ -50,7 +50,7 @@ def test_auto_map_from_a_hub_download_is_made_local_again():
     ],
 )
 def test_invalid_values_name_field_value_and_rule(vision, field, value):
-    kwargs = {k: v for k, v in tiny_sam_config(**vision).to_dict().items() if k != "model_type"}
+    kwargs = config_kwargs(tiny_sam_config(**vision))
     with pytest.raises(ValueError) as error:
         SamSplitConfig(**kwargs)
     message = str(error.value)
@@ -67,7 +67,7 @@ def test_invalid_values_name_field_value_and_rule(vision, field, value):
 )
 def test_absurd_sizes_are_refused_with_the_limit(vision, field, value, limit):
     """Limits are 4x the largest released SAM's (vit-huge: 32 layers, MLP 5120, width 1280)."""
-    kwargs = {k: v for k, v in tiny_sam_config(**vision).to_dict().items() if k != "model_type"}
+    kwargs = config_kwargs(tiny_sam_config(**vision))
     with pytest.raises(ValueError, match=rf"`{field}` = {value} is invalid: expected an integer from 1 to {limit} "):
         SamSplitConfig(**kwargs)
 
@@ -75,7 +75,7 @@ def test_absurd_sizes_are_refused_with_the_limit(vision, field, value, limit):
 def test_global_attn_indexes_must_be_integers():
     # transformers 4.57 keeps a string index and never matches it, so no layer would be global; 5.x's config refuses it
     # itself (with huggingface_hub's StrictDataclassFieldValidationError, not a ValueError)
-    kwargs = {k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}
+    kwargs = config_kwargs(tiny_sam_config())
     kwargs["vision_config"]["global_attn_indexes"] = ["1"]
     with pytest.raises(Exception, match="global_attn_indexes") as error:
         SamSplitConfig(**kwargs)
@@ -89,23 +89,23 @@ def test_every_transformers_test_config_is_accepted():
     from sam_testing import sam_model_tester_config
 
     stock = sam_model_tester_config()
-    config = SamSplitConfig(**{k: v for k, v in stock.to_dict().items() if k != "model_type"})
+    config = SamSplitConfig(**config_kwargs(stock))
     assert config.vision_config.to_dict() == stock.vision_config.to_dict()
 
 
 def test_prompt_encoder_must_match_vision_encoder():
-    kwargs = {k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}
+    kwargs = config_kwargs(tiny_sam_config())
     kwargs["prompt_encoder_config"]["hidden_size"] = 32
     with pytest.raises(ValueError, match=r"prompt_encoder_config.hidden_size.*output_channels \(16\)"):
         SamSplitConfig(**kwargs)
-    kwargs = {k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}
+    kwargs = config_kwargs(tiny_sam_config())
     kwargs["prompt_encoder_config"]["image_size"] = 80  # a 5x5 grid against the vision encoder's 4x4
     with pytest.raises(ValueError, match=r"prompt_encoder_config.image_size` = 80 .*vision encoder's grid.*\(4\)"):
         SamSplitConfig(**kwargs)
 
 
 def test_invalid_config_json_is_refused_on_load(tmp_path):
-    SamSplitConfig(**{k: v for k, v in tiny_sam_config().to_dict().items() if k != "model_type"}).save_pretrained(tmp_path)
+    SamSplitConfig(**config_kwargs(tiny_sam_config())).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     saved["vision_config"]["num_hidden_layers"] = 10**6  # would build a million layers before failing
     (tmp_path / "config.json").write_text(json.dumps(saved))
@@ -124,3 +124,12 @@ def test_repository_config_json_is_sam_vit_base_split():
     assert json.loads((root / "config.json").read_text())["auto_map"] == AUTO_MAP
     assert config.architectures == ["SamSplitModel"]
     assert config.vision_config.to_dict() == vit_base_config().vision_config.to_dict()
+
+
+@pytest.mark.parametrize("part", ["vision_config", "prompt_encoder_config", "mask_decoder_config"])
+@pytest.mark.parametrize("eps", [-1.0, 0.0, float("nan"), float("inf")])
+def test_layer_norm_eps_must_be_a_small_positive_number(part, eps):
+    kwargs = config_kwargs(tiny_sam_config())
+    kwargs[part]["layer_norm_eps"] = eps
+    with pytest.raises(ValueError, match=f"`{part}.layer_norm_eps` = .* expected a small positive number"):
+        SamSplitConfig(**kwargs)

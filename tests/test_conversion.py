@@ -6,10 +6,10 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from sam_testing import ATOL, max_abs_diff, random_stock_sam, run_python, sam_model_tester_config, sample_inputs
 from transformers import AutoModel, SamModel
 
 from sam_split import SamSplitModel
-from sam_testing import ATOL, max_abs_diff, random_stock_sam, run_python, sam_model_tester_config, sample_inputs
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_save_pretrained_writes_split_weights_code_and_local_auto_map(stock_fold
     files = sorted(path.name for path in split_folder.iterdir())
     # the model code and the files it imports relatively: the Hub's remote-code loader needs them all
     assert files == ["attention_sam_split.py", "compat.py", "config.json", "configuration_sam_split.py",
-                     "model.safetensors", "modeling_sam_split.py"]
+                     "model.safetensors", "modeling_sam_split.py", "split_qkv.py"]
     config = json.loads((split_folder / "config.json").read_text())
     assert config["model_type"] == "sam_split" and config["architectures"] == ["SamSplitModel"]
     assert config["auto_map"] == {
@@ -91,7 +91,8 @@ def test_auto_classes_load_remote_code_in_a_fresh_process(stock_folder, split_fo
                 assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
                 with torch.no_grad():
                     outputs = model(**inputs)
-                    results[auto_class.__name__] = (model.get_image_embeddings(inputs["pixel_values"]), outputs.pred_masks, outputs.iou_scores)
+                    results[auto_class.__name__] = (model.get_image_embeddings(inputs["pixel_values"]),
+                                                    outputs.pred_masks, outputs.iou_scores)
             assert "sam_split" not in sys.modules  # the code came from the checkpoint folder
             torch.save(results, {str(tmp_path / "results.pt")!r})
             model.to_sam().save_pretrained({str(tmp_path / "back")!r})
@@ -141,7 +142,8 @@ def test_missing_or_unexpected_weights_are_errors(split_folder, tmp_path, change
 def test_from_sam_refuses_what_it_cannot_convert(split_folder, tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(tmp_path)
+    bert_config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    BertModel(bert_config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"not a stock SAM checkpoint \(model_type='bert'"):
         SamSplitModel.from_sam(tmp_path)
     with pytest.raises(ValueError, match="already split"):

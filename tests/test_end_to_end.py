@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from sam_testing import ATOL, max_abs_diff, random_stock_sam, sample_inputs
 
 from sam_split import SamSplitModel
-from sam_split.compat import sam_processor  # SamImageProcessorPil where transformers 5 would need torchvision
-from sam_testing import ATOL, max_abs_diff, random_stock_sam, sample_inputs
+from sam_split.tools.processing import (
+    model_processor,  # SamImageProcessorPil where transformers 5 would need torchvision
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,32 +20,39 @@ def models():
 def test_processor_point_and_box_prompt_to_full_size_masks(models):
     stock, model = models
     size = stock.config.vision_config.image_size
-    processor = sam_processor(stock.config)
+    processor = model_processor(stock.config)
     image = np.random.default_rng(0).integers(0, 256, size=(48, 80, 3), dtype=np.uint8)  # height 48, width 80
     inputs = processor(
-        images=image, input_points=[[[30, 20]]], input_labels=[[1]], input_boxes=[[[10, 5, 60, 40]]], return_tensors="pt"
+        images=image, input_points=[[[30, 20]]], input_labels=[[1]], input_boxes=[[[10, 5, 60, 40]]],
+        return_tensors="pt",
     )
     assert inputs["pixel_values"].shape == (1, 3, size, size)
     with torch.no_grad():
         expected, actual = stock(**inputs), model(**inputs)
-        embedding_diff = max_abs_diff(stock.get_image_embeddings(inputs["pixel_values"]), model.get_image_embeddings(inputs["pixel_values"]))
+        embedding_diff = max_abs_diff(stock.get_image_embeddings(inputs["pixel_values"]),
+                                      model.get_image_embeddings(inputs["pixel_values"]))
     assert embedding_diff <= ATOL
     assert max_abs_diff(expected.iou_scores, actual.iou_scores) <= ATOL
     masks = processor.post_process_masks(actual.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
-    expected_masks = processor.post_process_masks(expected.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])
+    expected_masks = processor.post_process_masks(expected.pred_masks, inputs["original_sizes"],
+                                                  inputs["reshaped_input_sizes"])
     assert masks[0].shape == (1, 3, 48, 80) and masks[0].dtype == torch.bool
     # Binarised at logit 0: logits within ATOL of each other may only flip where they sit within ATOL of 0.
-    logits = processor.post_process_masks(actual.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"], binarize=False)
+    logits = processor.post_process_masks(actual.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"],
+                                          binarize=False)
     assert torch.all((masks[0] == expected_masks[0]) | (logits[0].abs() <= ATOL))
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda i: {**i, "pixel_values": i["pixel_values"][0]}, r"`pixel_values` must have shape \(\*, 3, 64, 64\), got \(3, 64, 64\)"),
-        (lambda i: {**i, "pixel_values": i["pixel_values"][:, :1]}, r"`pixel_values` must have shape \(\*, 3, 64, 64\), got \(2, 1, 64, 64\)"),
+        (lambda i: {**i, "pixel_values": i["pixel_values"][0]},
+         r"`pixel_values` must have shape \(\*, 3, 64, 64\), got \(3, 64, 64\)"),
+        (lambda i: {**i, "pixel_values": i["pixel_values"][:, :1]},
+         r"`pixel_values` must have shape \(\*, 3, 64, 64\), got \(2, 1, 64, 64\)"),
         (lambda i: {**i, "pixel_values": i["pixel_values"][..., :32, :32]}, r"got \(2, 3, 32, 32\)"),
-        (lambda i: {**i, "input_points": i["input_points"][:1], "input_labels": i["input_labels"][:1]}, r"`input_points` must have shape \(2, \*, \*, 2\).*got \(1, 1, 2, 2\)"),
+        (lambda i: {**i, "input_points": i["input_points"][:1], "input_labels": i["input_labels"][:1]},
+         r"`input_points` must have shape \(2, \*, \*, 2\).*got \(1, 1, 2, 2\)"),
         (lambda i: {**i, "input_labels": i["input_labels"][..., :1]}, r"`input_labels` must have shape \(2, 1, 2\)"),
         (lambda i: {"pixel_values": i["pixel_values"], "input_labels": i["input_labels"]}, "without `input_points`"),
         (lambda i: {**i, "input_boxes": torch.zeros(1, 1, 4)}, r"`input_boxes` must have shape \(2, \*, 4\)"),
@@ -82,3 +91,36 @@ def test_forward_is_sam_models_own_and_checks_positional_inputs_too(models):
         positional = model(inputs["pixel_values"], inputs["input_points"], inputs["input_labels"])
         reference = stock(**inputs)
     assert max_abs_diff(positional.pred_masks, reference.pred_masks) <= ATOL
+
+
+def test_a_patched_or_wrapped_forward_is_checked_by_its_own_signature(models):
+    """A tool may replace `forward` with one of another argument order (optimum's ONNX exporter does). The pre-hook
+    used to bind positional arguments to SamModel.forward's order and refused such calls; it binds them to the
+    forward that runs, checks what it can name, and leaves a forward whose arguments it cannot name alone."""
+    stock, model = models
+    inputs = sample_inputs(model.config)
+    points, labels = inputs["input_points"], inputs["input_labels"]
+    with torch.no_grad():
+        embeddings = model.get_image_embeddings(inputs["pixel_values"])
+        reference = stock(image_embeddings=embeddings, input_points=points, input_labels=labels)
+    original = model.forward
+
+    def patched_forward(input_points, input_labels, image_embeddings):  # prompts first, as optimum's SAM patch
+        return original(image_embeddings=image_embeddings, input_points=input_points, input_labels=input_labels)
+
+    def wrapper(*args, **kwargs):  # no functools.wraps: nothing to name the arguments by
+        return patched_forward(*args, **kwargs)
+
+    try:
+        model.forward = patched_forward
+        with torch.no_grad():
+            patched = model(points, labels, embeddings)
+        with pytest.raises(ValueError, match=r"`input_labels` must have shape \(2, 1, 2\)"):
+            model(points, labels[..., :1], embeddings)
+        model.forward = wrapper
+        with torch.no_grad():
+            wrapped = model(points, labels, embeddings)
+    finally:
+        del model.forward
+    assert max_abs_diff(patched.pred_masks, reference.pred_masks) <= ATOL
+    assert max_abs_diff(wrapped.pred_masks, reference.pred_masks) <= ATOL

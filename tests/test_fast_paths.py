@@ -16,13 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from sam_testing import (
+    ATOL,
+    add_lora,
+    max_abs_diff,
+    random_stock_sam,
+    run_python,
+    sample_inputs,
+    tiny_sam_config,
+)
 
 import sam_split.attention_sam_split as kernels
-import sam_split.modeling_sam_split as modeling
 from sam_split import SamSplitModel
-from sam_testing import (
-    ATOL, add_lora, max_abs_diff, random_stock_sam, run_python, sample_inputs, tiny_sam_config,
-)
 
 FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
 MATH = "aten::_scaled_dot_product_attention_math"
@@ -127,6 +132,27 @@ def test_policy_can_be_forced_and_refuses_what_it_cannot_do():
             kernels._cpu_mask_numel(setting)
 
 
+@pytest.mark.parametrize("device_type, dtype, needs_grad, forced", [
+    ("cpu", torch.float32, False, None), ("cpu", torch.float32, False, "chunked"), ("cuda", torch.bfloat16, True, None),
+    ("cuda", torch.float16, False, "folded"),
+])
+def test_policy_exports_through_the_dense_kernel(device_type, dtype, needs_grad, forced):
+    """While a graph is exported, the dense kernel (standard operators: the chunked custom op has no ONNX translation),
+    whatever else holds; `exporting` is an argument, so the policy stays a pure function."""
+    plan = kernels.choose_kernel(device_type, dtype, needs_grad, 0.0, 4096, forced=forced, exporting=True)
+    assert plan == kernels.AttentionPlan("dense")
+    assert kernels.choose_kernel(device_type, dtype, needs_grad, 0.0, 4096, forced=forced).kernel != "dense"
+
+
+def test_dense_kernel_equals_the_chunked_one():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 20, 8, generator=generator) for _ in range(3))
+    rel_h, rel_w = torch.randn(2, 3, 4, 5, 4, generator=generator), torch.randn(2, 3, 4, 5, 5, generator=generator)
+    dense = kernels.dense_attention(query, key, value, rel_h, rel_w, 0.3)
+    chunked = kernels.chunked_attention(query, key, value, rel_h, rel_w, 0.3, 100)
+    assert max_abs_diff(dense, chunked) <= 1e-6
+
+
 PATHS = ("sdpa", "sdpa-with-grad", "eager", "checkpointed-training")
 CASES = [(policy, path) for policy in ("cpu", "gpu", "folded") for path in PATHS if policy == "cpu" or path != "eager"]
 
@@ -159,7 +185,8 @@ def test_path_matches_stock_eager(config, inputs, policy, path, lora, monkeypatc
 @pytest.mark.parametrize("budget", [1, 100, 200, 300, 600, 2000])
 def test_mask_chunks_cover_every_query_head_and_image(config, inputs, budget, monkeypatch):
     """Mask budgets (in values) that split the tiny config's bias into single query rows and heads (1), several rows
-    (100, 200: the last chunk shorter), one head at a time (300), several heads or windows (600), whole images (2000)."""
+    (100, 200: the last chunk shorter), one head at a time (300), several heads or windows (600), whole images
+    (2000)."""
     model = split_model(config, lora=False)
     with torch.no_grad():
         expected = embeddings_masks_iou(stock_eager_reference(model), inputs)
@@ -192,7 +219,8 @@ def test_lora_gradients_match_eager(config, inputs, checkpointing, policy, monke
     for name, want in expected.items():
         # relative: q's LoRA gradients are ~1e-6 with these small random weights, v's ~1e-1
         scale = want.abs().max().item()
-        assert scale > 0 and max_abs_diff(want, actual[name]) <= 1e-4 * scale, (name, max_abs_diff(want, actual[name]), scale)
+        assert scale > 0 and max_abs_diff(want, actual[name]) <= 1e-4 * scale, (
+            name, max_abs_diff(want, actual[name]), scale)
 
 
 def bf16_errors(model, inputs, reference: tuple, grad: bool) -> tuple[float, float]:
@@ -229,7 +257,7 @@ def test_bf16_error_is_no_worse_than_stocks(config, inputs, policy, grad, monkey
         grads = {name: parameter.grad for name, parameter in reference_model.named_parameters() if "lora_" in name}
     reference = (embeddings.detach(), grads, weights)
     stock_model = copy.deepcopy(model)
-    monkeypatch.setattr(modeling, "attention", stock_bias_as_mask)
+    monkeypatch.setattr(kernels, "attention", stock_bias_as_mask)  # what the split attention body calls
     stock_error = bf16_errors(stock_model, inputs, reference, grad)
     monkeypatch.undo()
     plans = use_policy(monkeypatch, policy)
@@ -360,7 +388,8 @@ def test_benchmark_smoke_run(tmp_path):
     names = ["stock-eager", "stock-sdpa", "ours", "train-sdpa-math", "train-ours-ckpt"]
     command = [sys.executable, str(BENCHMARK), "--config", "tiny", "--batch-sizes", "2", "--repeats", "1",
                "--train-step", "--only", *names, "--json", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "load average" in result.stdout
     results = json.loads(out.read_text())
@@ -374,7 +403,8 @@ def test_benchmark_smoke_run(tmp_path):
     train = {row["name"]: row for row in results["train_step"]}
     assert sorted(train) == ["train-ours-ckpt", "train-sdpa-math"] and train["train-ours-ckpt"]["max_abs_diff"] <= ATOL
     assert results["meta"]["encoder_gflop_per_image"] > 0 and results["meta"]["gemm_fp32_gflops"] > 0
-    assert results["meta"]["qkv_projection"]["three_gemms_s"] > 0 and results["meta"]["qkv_projection"]["fused_gemm_s"] > 0
+    qkv = results["meta"]["qkv_projection"]
+    assert qkv["three_gemms_s"] > 0 and qkv["fused_gemm_s"] > 0
 
 
 @pytest.mark.parametrize("threshold", ["-1", str(2**25 + 1)])
@@ -391,7 +421,8 @@ def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     command = [sys.executable, str(GPU_BENCHMARK), "--device", "cpu", "--config", "tiny", "--batch-sizes", "1", "2",
                "--fp32-batch-sizes", "1", "--compiled-batch-sizes", "--train-batch-size", "2", "--repeats", "1",
                "--json", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
     rows = {(row["name"], row["dtype"], row["batch"]): row for row in results["encoder"]}

@@ -15,15 +15,18 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from hub_server import HubServer
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
+from sam_testing import hub_env, max_abs_diff, random_stock_sam, run_python, sample_inputs, tiny_sam_config
 from transformers import SamModel
 
-from hub_server import HubServer
-from sam_split import SamSplitModel, evaluate, evaluation, finetune
-from sam_split.data import DataOptions, open_source, scan
-from sam_testing import hub_env, max_abs_diff, random_stock_sam, run_python, sample_inputs, tiny_sam_config
+from sam_split import SamSplitModel, evaluate, finetune
+from sam_split.tools import segmentation
+from sam_split.tools.cli import ToolError, run_tool
+from sam_split.tools.data import DataError, DataOptions, open_source, scan
+from sam_split.tools.processing import model_processor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +39,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+
+def refuse_to_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the data was checked")
+
 
 # Shared by the runs below: in-process, no DataLoader workers (their start-up costs more than these tiny steps).
 FAST = ["--num-workers", "0", "--batch-size", "4"]
@@ -216,7 +225,7 @@ def test_resume_continues_the_same_run(data, tmp_path):
     assert resumed_losses == pytest.approx(whole_losses, abs=1e-6)
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    with pytest.raises(SystemExit, match="differ from the checkpoint.*lora_r"):
+    with pytest.raises(ToolError, match="differ from the checkpoint.*lora_r"):
         run(data, tmp_path / "resumed", *args, "--resume", "--lora-r", 4, "--max-steps", 9)
 
 
@@ -275,7 +284,7 @@ def test_evaluate_py_scores_the_base_and_the_adapter_as_validation_did(data, dec
     # A mask written to disk is the one scored: its Dice against the ground truth matches metrics.json.
     truth = np.asarray(Image.open(data["val"] / "masks" / "img00_0.png")) > 0
     predicted = np.asarray(Image.open(tmp_path / "tuned" / "masks" / "img00" / "000-img00_0.png")) > 0
-    assert evaluation.dice_iou(predicted, truth)[0] == pytest.approx(written["per_image"][0]["objects"][0]["dice"])
+    assert segmentation.dice_iou(predicted, truth)[0] == pytest.approx(written["per_image"][0]["objects"][0]["dice"])
     assert not (tmp_path / "tuned.partial").exists()
     with pytest.raises(SystemExit):
         evaluate.main(["--model", str(data["base"]), "--output-dir", str(tmp_path / "tuned"), *common])
@@ -326,23 +335,24 @@ def test_bad_output_dir_or_lr_is_refused_before_anything_loads(tmp_path, capsys,
                              "--max-steps", "1", *extra])
     assert raised.value.code == 2
     expected = {"file": "is a file, expected a folder", "read-only": "is not writable",
-                "lr": "out of range: expected 0 < lr <= 1", "nan-lr": "out of range",
+                "lr": "argument --lr: expected a finite number > 0 and <= 1, got '1e39'",
+                "nan-lr": "argument --lr: expected",
                 "wandb": "--report-to wandb needs the `wandb` package"}[case]
     assert expected in capsys.readouterr().err
 
 
 def test_non_finite_gradients_stop_before_the_step_and_no_checkpoint_holds_them(data, tmp_path, monkeypatch):
     """A step whose loss is finite but whose gradients are NaN (sqrt at 0): nothing of it may reach a checkpoint."""
-    real, calls = evaluation.segmentation_loss, []
+    real, calls = segmentation.segmentation_loss, []
 
     def poisoned(logits, target, pixel_loss):
         calls.append(1)
         loss = real(logits, target, pixel_loss)
         return loss + torch.sqrt(logits.sum() * 0) if len(calls) == 2 else loss
 
-    monkeypatch.setattr(evaluation, "segmentation_loss", poisoned)
+    monkeypatch.setattr(segmentation, "segmentation_loss", poisoned)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match="gradients are not finite at step 2; the weights of step 1 are kept"):
+    with pytest.raises(ToolError, match="gradients are not finite at step 2; the weights of step 1 are kept"):
         run(data, out, "--max-steps", 3, "--save-every", 1, "--keep-checkpoints", 0, "--lr", "1e-2")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
     saved = load_file(out / "checkpoints" / "step-00000001" / "model.safetensors")
@@ -371,7 +381,7 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint(data, tmp_path, caps
     for step in (1, 2, 3):
         (out / "checkpoints" / f"step-{step:08d}" / "run.json").write_text("{")
     AcceleratorState._reset_state(reset_partial_state=True)
-    with pytest.raises(SystemExit, match=f"checkpoint {out / 'checkpoints' / 'step-00000001'} is unreadable"):
+    with pytest.raises(ToolError, match=f"checkpoint {out / 'checkpoints' / 'step-00000001'} is unreadable"):
         run(data, out, "--max-steps", 4, *args[2:], "--resume")
 
 
@@ -404,7 +414,7 @@ def test_bad_samples_are_counted_and_skipped(data, tmp_path, capsys):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    with pytest.raises(SystemExit, match="7 bad samples"):
+    with pytest.raises(DataError, match="7 bad samples"):
         run(data, tmp_path / "strict", "--max-steps", 1, "--strict-data", "--val-data", bad)
     assert not (tmp_path / "strict" / "adapter_config.json").exists()
 
@@ -414,7 +424,7 @@ def test_bad_samples_are_counted_and_skipped(data, tmp_path, capsys):
     [("missing", "does not exist"), ("no-masks-folder", "neither a `datasets` folder nor has masks/"),
      ("all-bad", "no usable"), ("dataset-column", "no column")],
 )
-def test_unusable_data_fails_before_training(data, tmp_path, layout, message):
+def test_unusable_data_fails_before_training(data, tmp_path, monkeypatch, layout, message):
     path = tmp_path / "data"
     if layout == "no-masks-folder":
         (path / "images").mkdir(parents=True)
@@ -426,10 +436,11 @@ def test_unusable_data_fails_before_training(data, tmp_path, layout, message):
         import datasets
 
         datasets.Dataset.from_dict({"picture": [np.zeros((4, 4, 3), np.uint8)]}).save_to_disk(str(path))
-    with pytest.raises(SystemExit, match=message):
+    monkeypatch.setattr(finetune, "load_model", refuse_to_load)  # the data is checked before the weights load
+    with pytest.raises(DataError, match=message):
         finetune.main(["--model", str(data["base"]), "--train-data", str(path), "--output-dir",
                        str(tmp_path / "out"), "--max-steps", "1", *FAST])
-    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    assert not (tmp_path / "out").exists()  # no empty output folder left behind
 
 
 def test_saved_dataset_gives_the_same_samples_as_the_folder(data, tmp_path):
@@ -443,12 +454,12 @@ def test_saved_dataset_gives_the_same_samples_as_the_folder(data, tmp_path):
     datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "saved"))
 
     config = SamSplitModel.from_pretrained(data["base"]).config
-    processor, grid = finetune.sam_processor(config), evaluation.mask_grid_size(config)
+    processor = model_processor(config)
 
     def prompted(path):
         source = open_source(str(path), DataOptions(split="train"))
-        images = scan(source, grid, strict=True, log=print)
-        return evaluation.PromptedImages(source, images, processor, grid, "box+point", 2, 1, 0.1, seed=0)
+        images = scan(source, processor, strict=True, log=print)
+        return segmentation.PromptedImages(source, images, processor, "box+point", 2, 1, 0.1, seed=0)
 
     from_folder, from_dataset = prompted(data["train"]), prompted(tmp_path / "saved")
     assert len(from_folder) == len(from_dataset) == 12
@@ -464,7 +475,8 @@ def test_saved_dataset_gives_the_same_samples_as_the_folder(data, tmp_path):
 
 def test_two_ddp_processes_end_with_identical_weights(data, decoder_run, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune.py"),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(ROOT / "finetune.py"),
                "--cpu", "--model", str(data["base"]), "--train-data", str(data["train"]), "--val-data",
                str(data["val"]), "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--train-decoder",
                "--lr", "1e-2", *FAST]
@@ -505,6 +517,7 @@ import os, shutil, sys, torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 sys.path.insert(0, {str(ROOT / "tests")!r})
 from sam_split import finetune
+from sam_split.tools.cli import ToolError
 from sam_testing import sample_inputs
 api = HfApi()
 api.create_repo("tester/sam-base")
@@ -518,7 +531,7 @@ try:
                    "--val-data", {str(data["val"])!r}, "--eval-every", "2", "--output-dir", {str(tmp_path / "out")!r},
                    "--max-steps", "2", "--train-decoder", "--lr", "1e-2", "--push-to", "tester/sam-adapter",
                    *{FAST!r}])
-except SystemExit as error:
+except (SystemExit, ToolError) as error:
     print("PUSH FAILED", error)
 os.environ["HF_TOKEN"] = {token!r}
 model = finetune.main(["--output-dir", {str(tmp_path / "out")!r}, "--publish-only", "--push-to", "tester/sam-adapter"])
@@ -526,12 +539,29 @@ with torch.no_grad():
     logits = model.eval()(**sample_inputs(model.config), multimask_output=False).pred_masks
 torch.save(logits, {str(outputs)!r})
 print("BASE", base_sha)
+
+# Trained on a local folder: published only once its base is named on the Hub (the same weights), never by a path.
+from accelerate.state import AcceleratorState
+AcceleratorState._reset_state(reset_partial_state=True)
+local = {str(tmp_path / "local-run")!r}
+finetune.main(["--model", {str(data["base"])!r}, "--train-data", {str(data["train"])!r}, "--output-dir", local,
+               "--max-steps", "1", *{FAST!r}])
+finetune.main(["--output-dir", local, "--publish-only", "--push-to", "tester/local-adapter", "--model",
+               "tester/sam-base", "--base-revision", base_sha])
+from huggingface_hub import hf_hub_download
+import json
+print("LOCAL CONFIG", json.dumps(json.load(open(hf_hub_download("tester/local-adapter", "adapter_config.json")))))
+print("LOCAL CARD", json.dumps(open(hf_hub_download("tester/local-adapter", "README.md")).read()))
 """
         printed = run_python(train, env, replace_env=True)
-        assert re.search(r"PUSH FAILED error: upload to tester/sam-adapter at \S+ failed \(nothing was committed\): "
+        assert re.search(r"PUSH FAILED (error: )?upload to tester/sam-adapter at \S+ failed \(nothing was committed\): "
                          r"HfHubHTTPError: .*401", printed)
         assert f"--output-dir {tmp_path / 'out'} --publish-only --push-to tester/sam-adapter" in printed
         base_sha = re.search(r"BASE ([0-9a-f]+)", printed).group(1)
+        local_config = json.loads(re.search(r"LOCAL CONFIG (.*)", printed).group(1))
+        assert (local_config["base_model_name_or_path"], local_config["revision"]) == ("tester/sam-base", base_sha)
+        local_card = json.loads(re.search(r"LOCAL CARD (.*)", printed).group(1))
+        assert "base_model: tester/sam-base" in local_card and str(tmp_path) not in local_card
         adapter_sha = re.search(r"pushed adapter to tester/sam-adapter at revision (\S+)", printed).group(1)
         assert re.fullmatch(r"[0-9a-f]{40}", adapter_sha) and adapter_sha != base_sha
 
@@ -561,3 +591,255 @@ print("DIFF", (logits - torch.load({str(outputs)!r})).abs().max().item())
     [result] = card["model-index"][0]["results"]
     assert result["dataset"]["name"] == "val" and [m["type"] for m in result["metrics"]] == ["dice", "iou"]
     assert 0 <= result["metrics"][0]["value"] <= 1
+
+
+# ------------------------------------------------------------------------------------------- settings and mistakes
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--eval-every", "0"), ("--eval-every", "-2"), ("--lora-dropout", "1.5"), ("--lora-dropout", "nan"),
+    ("--weight-decay", "nan"), ("--seed", "-1"), ("--num-workers", "-1"), ("--box-jitter", "nan"),
+    ("--box-jitter", "-5"), ("--max-grad-norm", "nan"), ("--iou-loss-weight", "nan"), ("--warmup-steps", "-1"),
+    ("--save-every", "-1"), ("--keep-checkpoints", "-1"), ("--early-stopping-patience", "-1"),
+    ("--lora-alpha", "inf"), ("--objects-per-image", "0"),
+])
+def test_every_flag_is_checked_at_parse_time(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as raised:
+        finetune.parse_args(["--model", "no/such-model", "--train-data", "nowhere", "--val-data", "nowhere",
+                             "--metric-for-best", "dice", "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+                             flag, value])
+    assert raised.value.code == 2
+    assert f"argument {flag}: expected " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--num-workers", "-1"), ("--batch-size", "0"),
+                                         ("--num-negative-points", "-1")])
+def test_evaluate_flags_are_checked_at_parse_time(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as raised:
+        evaluate.parse_args(["--model", "no/such-model", "--data", "nowhere", "--output-dir", str(tmp_path / "o"),
+                             flag, value])
+    assert raised.value.code == 2 and f"argument {flag}: expected " in capsys.readouterr().err
+
+
+def test_push_to_refuses_a_local_base_before_training(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "a-token")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--model", str(data["base"]), "--train-data", str(data["train"]), "--output-dir",
+                             str(tmp_path / "out"), "--max-steps", "1", "--push-to", "me/adapter"])
+    assert f"--model {data['base']} is a local folder, and a published adapter must name a base" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["adapter", "not-a-model", "stock", "typo"])
+def test_model_that_is_not_a_sam_split_model_is_one_line(data, tmp_path, monkeypatch, capsys, kind):
+    folder = tmp_path / kind
+    if kind == "adapter":
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(data["base"])}))
+        expected = "is a PEFT adapter, not a model: pass its base model as --model"
+    elif kind == "not-a-model":
+        write_shapes(folder, 1, seed=0)
+        expected = "holds no config.json: expected a SamSplitModel"
+    elif kind == "stock":
+        random_stock_sam().save_pretrained(folder)
+        expected = "is a stock SAM checkpoint (fused qkv): convert it first with `python push.py --source"
+    else:
+        folder = tmp_path / "./nope/base"
+        expected = "no such file or folder"
+    monkeypatch.setattr(finetune, "load_model", refuse_to_load)
+    for main, argv in ((finetune.main, ["--train-data", str(data["train"]), "--max-steps", "1"]),
+                       (evaluate.main, ["--data", str(data["val"])])):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises((ToolError, SystemExit)) as raised:  # a parse error (exit 2) where no file is read
+            main(["--model", str(folder), "--output-dir", str(tmp_path / "out"), *argv, *FAST])
+        assert expected in str(raised.value) + capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
+def test_validation_progress_and_a_tie_with_the_base_says_so_in_the_card(data, tmp_path, monkeypatch, capsys):
+    """Validation scores that never beat step 0's: the adapter is the untrained one, and card and log say it."""
+    monkeypatch.setattr(finetune, "summarize", lambda records, names: {**segmentation.summarize(records, names),
+                                                                        "dice": 0.5})
+    out = tmp_path / "out"
+    run(data, out, "--val-data", data["val"], "--eval-every", 1, "--max-steps", 2, "--lr", "1e-2",
+        "--metric-for-best", "dice")
+    printed = capsys.readouterr()
+    assert "no validation beat the base model" in printed.out
+    assert "validation at step 1" in printed.err  # a progress bar per validation
+    card = (out / "README.md").read_text()
+    assert "The adapter is the one of step 0" in card and "No validation beat the base model" in card
+    assert json.loads((out / "run.json").read_text())["adapter_step"] == 0
+    assert json.loads((out / "eval_results.json").read_text())["fine_tuned"]["step"] == 0
+
+
+def test_interrupt_hint_unfinished_publish_refused_torn_metrics_resumed(data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 3: exit 130 and where to resume from; the run's intermediate adapter is not published or
+    merged without --allow-unfinished; a torn metrics.jsonl line is dropped on --resume; the finished run merges."""
+    real_step, calls = finetune.train_step, []
+
+    def interrupted_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", interrupted_at_step_3)
+    out = tmp_path / "out"
+    argv = ["--model", str(data["base"]), "--train-data", str(data["train"]), "--val-data", str(data["val"]),
+            "--output-dir", str(out), "--max-steps", "3", "--eval-every", "1", "--save-every", "1",
+            "--metric-for-best", "loss", "--lr", "1e-2", *FAST]
+    assert run_tool(lambda: finetune.main(argv)) == 130
+    printed = capsys.readouterr()
+    assert "error: interrupted" in printed.err and "Traceback" not in printed.err
+    assert (f"interrupted at step 2; the last checkpoint is {out / 'checkpoints' / 'step-00000002'}: run the same "
+            "command with --resume") in printed.out
+    assert json.loads((out / "run.json").read_text())["finished"] is False
+    assert (out / "adapter_config.json").exists()  # the best adapter so far, written during the run
+
+    monkeypatch.setenv("HF_TOKEN", "a-token")
+    for publish in (["--merge-to-sam", str(tmp_path / "merged")], ["--push-to", "me/adapter"]):
+        with pytest.raises(ToolError, match="holds an unfinished run .* pass --allow-unfinished"):
+            finetune.main(["--output-dir", str(out), "--publish-only", *publish])
+    # Even allowed, a push refuses a base that is a folder of this machine (before any network).
+    with pytest.raises(ToolError, match="--push-to: the adapter's base is .*, a folder of this machine, not a Hub id"):
+        finetune.main(["--output-dir", str(out), "--publish-only", "--push-to", "me/adapter", "--allow-unfinished"])
+    assert not (tmp_path / "merged").exists()
+
+    with (out / "metrics.jsonl").open("a") as file:
+        file.write('{"step": 3, "loss": 0.')  # killed while writing
+    monkeypatch.setattr(finetune, "train_step", real_step)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    finetune.main([*argv, "--resume"])
+    assert "dropped the torn last line of" in capsys.readouterr().out
+    assert [e["step"] for e in metrics(out) if "loss" in e] == [1, 2, 3]
+    assert json.loads((out / "run.json").read_text())["finished"] is True
+    finetune.main(["--output-dir", str(out), "--publish-only", "--merge-to-sam", str(tmp_path / "merged")])
+    assert SamModel.from_pretrained(tmp_path / "merged").config.model_type == "sam"
+
+
+def test_training_image_deleted_mid_run_is_one_line_with_the_checkpoint(data, tmp_path, monkeypatch):
+    train = tmp_path / "train"
+    shutil.copytree(data["train"], train)
+    real_batches = finetune.training_batches
+
+    def delete_an_image_after_the_scan(*args, **kwargs):
+        for image in (train / "images").iterdir():
+            image.unlink()
+        return real_batches(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "training_batches", delete_an_image_after_the_scan)
+    with pytest.raises(ToolError, match=r"the training data changed since it was scanned \(image .*img\d\d\.png "
+                                        r"was deleted or replaced after the scan.*\); no checkpoint was saved"):
+        finetune.main(["--model", str(data["base"]), "--train-data", str(train), "--output-dir",
+                       str(tmp_path / "out"), "--max-steps", "2", *FAST])
+
+
+def test_a_second_evaluate_into_the_same_output_dir_is_refused(data, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--model", str(data["base"]), "--data", str(data["val"]), "--output-dir", str(out), "--num-workers", "0"]
+    real_evaluate, second = evaluate.evaluate, []
+
+    def second_run_meanwhile(*args, **kwargs):
+        try:
+            evaluate.main(argv)
+        except ToolError as error:
+            second.append(str(error))
+        return real_evaluate(*args, **kwargs)
+
+    evaluate.evaluate = second_run_meanwhile
+    try:
+        summary = evaluate.main(argv)
+    finally:
+        evaluate.evaluate = real_evaluate
+    assert second == [f"another evaluate.py run is writing {out}: choose another --output-dir"]
+    assert json.loads((out / "metrics.json").read_text())["objects"] == summary["objects"] == 4
+    assert len(list((out / "masks").rglob("*.png"))) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no lock or partial folder left
+
+
+RESOLUTION_CASES = f"""
+import json, sys, time
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from accelerate.state import AcceleratorState
+from sam_split import evaluate, finetune
+from sam_split.tools.cli import ToolError
+
+def outcome(main, argv):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    started = time.perf_counter()
+    try:
+        main(argv)
+        message = "no error"
+    except ToolError as error:
+        message = str(error)
+    return {{"message": message, "seconds": time.perf_counter() - started}}
+"""
+
+
+def test_hub_names_typos_revisions_and_an_unreachable_hub_are_one_line(data, tmp_path):
+    """A model name that is no folder and no Hub repository, a revision the repository lacks, an adapter given as
+    the model, and a Hub that cannot be reached: each one line, at once (no retries)."""
+    out, evaluate_args = str(tmp_path / "out"), ["--data", str(data["val"]), "--num-workers", "0"]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tester/sam-base"}))
+    cases = RESOLUTION_CASES + f"""
+from huggingface_hub import HfApi
+api = HfApi()
+for repo, folder in (("tester/sam-base", {str(data["base"])!r}), ("tester/adapter", {str(adapter)!r})):
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=folder)
+ft = ["--train-data", {str(data["train"])!r}, "--output-dir", {out!r}, "--max-steps", "1"]
+ev = [*{evaluate_args!r}, "--output-dir", {out!r}]
+results = {{
+    "typo": outcome(evaluate.main, ["--model", "tester/sam-bsae", *ev]),
+    "base-revision": outcome(finetune.main, ["--model", "tester/sam-base", "--base-revision", "v9", *ft]),
+    "adapter-revision": outcome(evaluate.main, ["--adapter", "tester/adapter", "--adapter-revision", "v9", *ev]),
+    "adapter-as-model": outcome(finetune.main, ["--model", "tester/adapter", *ft]),
+}}
+print("RESULTS", json.dumps(results))
+"""
+    with HubServer(tmp_path / "hub", token="secret") as hub:
+        printed = run_python(cases, hub_env(hub.url, tmp_path / "hf", token="secret"), replace_env=True)
+    results = json.loads(printed.split("RESULTS ", 1)[1])
+    assert results["typo"]["message"].startswith("--model tester/sam-bsae: no such folder, and not found on the Hub")
+    assert results["base-revision"]["message"].startswith("--base-revision v9: no such branch, tag or commit in "
+                                                          "tester/sam-base")
+    assert results["adapter-revision"]["message"].startswith("--adapter-revision v9: no such branch, tag or commit "
+                                                             "in tester/adapter")
+    assert "--model tester/adapter is a PEFT adapter, not a model" in results["adapter-as-model"]["message"]
+
+    unreachable = RESOLUTION_CASES + f"""
+print("RESULTS", json.dumps(outcome(evaluate.main, ["--model", "sam-vit-base-splt", *{evaluate_args!r},
+                                                     "--output-dir", {out!r}])))
+"""
+    printed = run_python(unreachable, hub_env(f"http://127.0.0.1:{free_port()}", tmp_path / "hf"), replace_env=True)
+    result = json.loads(printed.split("RESULTS ", 1)[1])
+    assert result["message"].startswith("--model sam-vit-base-splt: no such folder, and the Hub at http://127.0.0.1:")
+    assert "cannot be reached" in result["message"] and result["seconds"] < 10
+    assert not Path(out).exists()
+
+
+def test_offline_a_hub_id_needs_a_sha_and_the_cache(monkeypatch, tmp_path):
+    from sam_split.tools import models
+
+    monkeypatch.setattr(models.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ToolError, match="HF_HUB_OFFLINE is set: a Hub id loads from the cache only when "
+                                        "--base-revision is a commit sha"):
+        models.resolve_model("org/sam", "main")
+    with pytest.raises(ToolError, match="the download cache does not hold it"):
+        models.resolve_model("org/sam", "0" * 40)
+
+
+def test_evaluate_leaves_a_partial_folder_it_did_not_create(data, tmp_path):
+    """evaluate.py used to delete `OUT.partial` before writing: a folder of the user's that it did not create."""
+    users = tmp_path / "eval.partial"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    evaluate.main(["--model", str(data["base"]), "--data", str(data["val"]), "--output-dir", str(tmp_path / "eval"),
+                   "--num-workers", "0"])
+    assert (users / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "eval" / "metrics.json").is_file()

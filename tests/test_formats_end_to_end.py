@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from accelerate.state import AcceleratorState
 from PIL import Image
-
-from sam_split import evaluate, finetune
 from sam_testing import hub_env
 from test_data import label_folder, noise, rect, shapes_dataset, skipped, two_cats_and_two_dogs, write_coco
-from test_evaluation import write_objects
 from test_finetune import FAST, metrics, trainable_random_sam
+from test_segmentation import write_objects
+
+from sam_split import evaluate, finetune
+from sam_split.tools.cli import run_tool
 
 TESTS = Path(__file__).resolve().parent
 DATASET_ARGS = ["--image-column", "picture", "--mask-column", "masks", "--class-column", "kind"]
@@ -116,20 +117,18 @@ def command_lines(base: str, spec: str, extra: list, root: Path) -> dict:
 
 
 def train_score_and_refuse(base: str, spec: str, extra: list, root: str) -> dict:
-    """The `command_lines` runs in-process: for each, what it printed and its exit code (0, or the SystemExit's code:
-    the message that Python prints instead of a traceback, exiting with status 1)."""
+    """The `command_lines` runs in-process as the command line runs them (under `run_tool`): for each, what it printed,
+    its exit status and its error message (stderr)."""
     results = {}
     for name, (main, argv) in command_lines(base, spec, extra, Path(root)).items():
         AcceleratorState._reset_state(reset_partial_state=True)  # each run builds its own Accelerator
-        printed, code = io.StringIO(), 0
+        printed, errors = io.StringIO(), io.StringIO()
         try:
-            with contextlib.redirect_stdout(printed):
-                main(argv)
-        except SystemExit as exit:
-            code = exit.code
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+                code = run_tool(lambda: main(argv))  # noqa: B023 (run_tool calls it at once)
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
-        results[name] = {"printed": printed.getvalue(), "code": code}
+        results[name] = {"printed": printed.getvalue(), "code": code, "error": errors.getvalue()}
     return results
 
 
@@ -150,16 +149,18 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
 from accelerate.state import AcceleratorState
+from sam_split.tools.cli import run_tool
 from test_data import push_shapes_twice
 from test_formats_end_to_end import DATASET_ARGS, command_lines, train_score_and_refuse
 shas = push_shapes_twice("tester/leaves", {str(tmp_path)!r})
 extra = DATASET_ARGS + ["--data-revision", shas[0]]
 results = train_score_and_refuse({str(base)!r}, "tester/leaves", extra, {str(tmp_path)!r})
 print("RESULTS", json.dumps(results), flush=True)
-# The strict run once more, uncaught: this process ends as `python finetune.py --strict-data ...` would.
+# The strict run once more under the tools' runner: this process ends as `python finetune.py --strict-data` would.
+from sam_split.tools.cli import run_tool
 main, argv = command_lines({str(base)!r}, "tester/leaves", extra, Path({str(tmp_path / "cli")!r}))["strict"]
 AcceleratorState._reset_state(reset_partial_state=True)
-main(argv)
+sys.exit(run_tool(lambda: main(argv)))
 """
     with HubServer(tmp_path / "hub", token="secret") as hub:
         child = subprocess.run([sys.executable, "-c", code], env=hub_env(hub.url, tmp_path / "hf", token="secret"),
@@ -222,11 +223,11 @@ def test_format_trains_scores_and_refuses_its_broken_file_with_strict_data(base,
 
     # --strict-data: the same data refused before training, with a message (not a traceback) naming the broken file.
     strict = results["strict"]
-    assert isinstance(strict["code"], str) and strict["code"].startswith("error: "), strict
-    assert f"\n  {expected.broken}: {expected.reason}" in strict["code"]
+    assert strict["code"] == 1 and strict["error"].startswith("error: ") and "Traceback" not in strict["error"], strict
+    assert f"\n  {expected.broken}: {expected.reason}" in strict["error"]
     assert not (tmp_path / "strict" / "adapter_config.json").exists()
     if "process" in results:  # the Hub child ran the strict run uncaught too: status 1, the message, no traceback
         process = results["process"]
         assert process["returncode"] == 1 and "Traceback" not in process["stderr"], process["stderr"][-4000:]
-        assert process["stderr"].rstrip().endswith(strict["code"].split("\n")[-1])
+        assert process["stderr"].rstrip().endswith(strict["error"].rstrip().split("\n")[-1])
         assert f"\n  {expected.broken}: {expected.reason}" in process["stderr"]

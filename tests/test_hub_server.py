@@ -22,7 +22,6 @@ import textwrap
 import threading
 
 import pytest
-
 from hub_server import HubServer
 from sam_testing import hub_env
 
@@ -680,3 +679,94 @@ def test_paths_outside_the_repository_are_refused(hub, path):
     status, reply = raw_commit(hub, repo, {path: b"x"})
     assert status == 400 and "Invalid path" in reply["error"], reply
     assert hub.git(repo, "rev-parse", "main") == head
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bounds, malformed requests, deletions, history and lost answers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_commit_bounds_answer_413_and_change_nothing(hub):
+    """Too many files in one commit, or too large a body, is a 413 (settable bounds, small here), the branch as it
+    was: a huge commit cannot hold the store lock or fill the memory."""
+    repo = "tester/bounds"
+    request(hub, "POST", "/api/repos/create", {"name": repo})
+    head = hub.git(repo, "rev-parse", "main")
+    hub.set_limits(max_commit_files=3, max_commit_bytes=4096)
+    try:
+        status, reply = raw_commit(hub, repo, {f"f{i}.txt": b"x" for i in range(4)})
+        assert status == 413 and "at most 3 operations" in reply["error"], reply
+        status, _ = raw_commit(hub, repo, {"big.txt": b"x" * 5000})
+        assert status == 413
+        assert raw_commit(hub, repo, {f"f{i}.txt": b"x" for i in range(3)})[0] == 200
+    finally:
+        hub.set_limits(max_commit_files=5000, max_commit_bytes=1024**3)
+    assert len(hub.git(repo, "log", "--format=%H", "main").split()) == 2 and head in hub.git(repo, "log", "main")
+
+
+@pytest.mark.parametrize("line", [b'{"key": "file", "value": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+                                  b"[" * 100000 + b"]" * 100000])
+def test_a_deeply_nested_ndjson_line_is_a_400(hub, line):
+    repo = "tester/nested"
+    request(hub, "POST", "/api/repos/create", {"name": repo})
+    body = json.dumps({"key": "header", "value": {"summary": "nested"}}).encode() + b"\n" + line
+    status, reply, _ = request(hub, "POST", f"/api/models/{repo}/commit/main", body=body,
+                               content_type="application/x-ndjson")
+    assert status == 400 and "Malformed NDJSON line 2" in reply["error"], reply
+
+
+def test_a_dangling_lfs_pointer_does_not_show_the_storage_path(hub):
+    """A file committed as an LFS pointer to an object the server never had: an error, without the server's path."""
+    repo = "tester/dangling"
+    request(hub, "POST", "/api/repos/create", {"name": repo})
+    pointer = f"{LFS_POINTER}{'ab' * 32}\nsize 123\n".encode()
+    assert raw_commit(hub, repo, {"weights.txt": pointer})[0] == 200
+    status, reply, response = request(hub, "GET", f"/{repo}/resolve/main/weights.txt")
+    assert 400 <= status < 600 and "LFS object missing" in reply["error"], reply
+    assert hub.root not in json.dumps(reply) and hub.root not in str(response.getheaders())
+
+
+def test_deletions_history_and_refs(hub, tmp_path):
+    """create_commit with CommitOperationDelete (a file and a folder) removes them in the same commit; the history
+    and the refs read as the clients read them (list_repo_commits, list_repo_refs)."""
+    out = run_client(hub.url, tmp_path / "home", """
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        repo = "tester/deletions"
+        api.create_repo(repo)
+        first = api.create_commit(repo, [CommitOperationAdd(path_in_repo=p, path_or_fileobj=p.encode())
+                                         for p in ["a.txt", "b.txt", "sub/c.txt", "sub/d.txt"]],
+                                  commit_message="four files").oid
+        second = api.create_commit(repo, [CommitOperationDelete(path_in_repo="a.txt"),
+                                          CommitOperationDelete(path_in_repo="sub/"),
+                                          CommitOperationAdd(path_in_repo="e.txt", path_or_fileobj=b"e")],
+                                   commit_message="swap", commit_description="the marker", parent_commit=first).oid
+        out["files"] = sorted(api.list_repo_files(repo, revision=second))
+        out["missing"] = expect_error(lambda: api.create_commit(
+            repo, [CommitOperationDelete(path_in_repo="nothing.txt")], commit_message="x"))
+        out["commits"] = [(c.commit_id, c.title, c.message) for c in api.list_repo_commits(repo)]
+        out["shas"] = [first, second]
+        out["branches"] = [(b.name, b.target_commit) for b in api.list_repo_refs(repo).branches]
+    """)
+    first, second = out["shas"]
+    assert out["files"] == [".gitattributes", "b.txt", "e.txt"]
+    assert_error(out["missing"], "EntryNotFoundError" if out["missing"] and "EntryNotFoundError" in out["missing"][
+        "mro"] else "HfHubHTTPError", 404)
+    assert [commit[:2] for commit in out["commits"]][:2] == [[second, "swap"], [first, "four files"]]
+    assert out["commits"][0][2] == "the marker" and out["commits"][-1][1] == "initial commit"
+    assert out["branches"] == [["main", second]]
+
+
+@pytest.mark.parametrize("fault", ["500", "drop"])
+def test_injected_faults_apply_the_commit_and_lose_the_answer(hub, fault):
+    repo = f"tester/fault-{fault}"
+    request(hub, "POST", "/api/repos/create", {"name": repo})
+    head = hub.git(repo, "rev-parse", "main")
+    hub.fail_next_commit(fault)
+    if fault == "500":
+        status, reply = raw_commit(hub, repo, {"a.txt": b"a"})
+        assert status == 500 and "injected" in reply["error"]
+    else:
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            raw_commit(hub, repo, {"a.txt": b"a"})
+    assert hub.git(repo, "rev-parse", "main") != head  # applied all the same
+    assert raw_commit(hub, repo, {"b.txt": b"b"})[0] == 200  # only the next commit loses its answer

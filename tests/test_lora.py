@@ -4,10 +4,10 @@ behaviour checklist, applied to SamSplitModel)."""
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from sam_testing import ATOL, max_abs_diff, random_stock_sam, sample_inputs, vit_base_config
 from torch import nn
 
 from sam_split import SamSplitConfig, SamSplitModel
-from sam_testing import ATOL, max_abs_diff, random_stock_sam, sample_inputs, vit_base_config
 
 
 def lora_config(r: int = 16) -> LoraConfig:
@@ -43,7 +43,8 @@ def test_vit_base_parameter_counts():
     with torch.device("meta"):
         model = get_peft_model(SamSplitModel(config), lora_config())
     trainable, total = model.get_nb_trainable_parameters()
-    buffer_not_parameter = not isinstance(model.base_model.model.shared_image_embedding.positional_embedding, nn.Parameter)
+    positional_embedding = model.base_model.model.shared_image_embedding.positional_embedding
+    buffer_not_parameter = not isinstance(positional_embedding, nn.Parameter)
     assert trainable == 589_824
     assert total == 94_325_552 - (256 if buffer_not_parameter else 0)
     global_layer = model.base_model.model.vision_encoder.layers[2].attn

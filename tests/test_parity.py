@@ -6,9 +6,17 @@ embeddings, and `test_the_comparison_flags_wrong_qkv` shows that the same check 
 
 import pytest
 import torch
+from sam_testing import (
+    ATOL,
+    max_abs_diff,
+    random_stock_sam,
+    randomize_,
+    sample_inputs,
+    tiny_sam_config,
+    vit_base_config,
+)
 
 from sam_split import SamSplitModel
-from sam_testing import ATOL, max_abs_diff, random_stock_sam, randomize_, sample_inputs, tiny_sam_config, vit_base_config
 
 IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -36,7 +44,8 @@ def prompts(config, kind: str, batch_size: int = 2) -> dict:
     if kind == "points+boxes":
         return {**inputs, "input_boxes": boxes}
     if kind == "mask":
-        return {**inputs, "input_masks": torch.randn(batch_size, 1, 4 * grid, 4 * grid, generator=torch.Generator().manual_seed(1))}
+        return {**inputs, "input_masks": torch.randn(batch_size, 1, 4 * grid, 4 * grid,
+                                                     generator=torch.Generator().manual_seed(1))}
     raise ValueError(kind)
 
 
@@ -46,7 +55,8 @@ def assert_same_outputs(reference, candidate, inputs: dict, **forward_kwargs):
         expected = reference(**inputs, **forward_kwargs)
         actual = candidate(**inputs, **forward_kwargs)
         embedding_diff = max_abs_diff(
-            reference.get_image_embeddings(inputs["pixel_values"]), candidate.get_image_embeddings(inputs["pixel_values"])
+            reference.get_image_embeddings(inputs["pixel_values"]),
+            candidate.get_image_embeddings(inputs["pixel_values"]),
         )
     assert embedding_diff <= ATOL, f"image embeddings differ by {embedding_diff:.3g}"
     assert max_abs_diff(expected.pred_masks, actual.pred_masks) <= ATOL
@@ -96,7 +106,8 @@ def test_precomputed_image_embeddings_and_prompt_embeddings(stock, split, impl):
         prompt_inputs = {"input_points": inputs["input_points"], "input_labels": inputs["input_labels"]}
         expected = stock[impl](image_embeddings=embeddings, **prompt_inputs)
         actual = split[impl](image_embeddings=split[impl].get_image_embeddings(inputs["pixel_values"]), **prompt_inputs)
-        for a, b in zip(stock[impl].get_prompt_embeddings(**prompt_inputs), split[impl].get_prompt_embeddings(**prompt_inputs)):
+        for a, b in zip(stock[impl].get_prompt_embeddings(**prompt_inputs),
+                        split[impl].get_prompt_embeddings(**prompt_inputs)):
             assert max_abs_diff(a, b) == 0.0
     assert max_abs_diff(expected.pred_masks, actual.pred_masks) <= ATOL
     assert max_abs_diff(expected.iou_scores, actual.iou_scores) <= ATOL
@@ -150,14 +161,16 @@ def test_gradient_checkpointing_gives_stock_gradients(impl):
     for candidate in (reference, model):
         candidate(**inputs).pred_masks.square().mean().backward()
     for stock_layer, layer in zip(reference.vision_encoder.layers, model.vision_encoder.layers):
-        for part, projection in zip(stock_layer.attn.qkv.weight.grad.chunk(3), (layer.attn.q, layer.attn.k, layer.attn.v)):
+        for part, projection in zip(stock_layer.attn.qkv.weight.grad.chunk(3),
+                                    (layer.attn.q, layer.attn.k, layer.attn.v)):
             assert projection.weight.grad is not None
             torch.testing.assert_close(projection.weight.grad, part, rtol=1e-4, atol=1e-6)
 
 
 def test_vit_base_shape_at_1024():
     """One test on the real sam-vit-base shape: 64x64 patch grid, 14x14 windows padded to 70, global layers. Stock runs
-    its eager path, ours the default sdpa one (on a CPU the chunked kernel); each encoder runs once (~10 s each here)."""
+    its eager path, ours the default sdpa one (on a CPU the chunked kernel); each encoder runs once (~10 s each
+    here)."""
     reference = random_stock_sam(vit_base_config(), attn_implementation="eager")
     model = SamSplitModel.from_sam(reference)  # takes over the source's "eager"...
     model.set_attn_implementation("sdpa")  # ...so switch to the default, memory-lean path
@@ -167,8 +180,10 @@ def test_vit_base_shape_at_1024():
     with torch.no_grad():
         expected_embeddings = reference.vision_encoder(inputs["pixel_values"])[0]
         embeddings = model.vision_encoder(inputs["pixel_values"])[0]
-        expected, actual = reference(image_embeddings=expected_embeddings, **prompt), model(image_embeddings=embeddings, **prompt)
-    embedding_diff, mask_diff = max_abs_diff(expected_embeddings, embeddings), max_abs_diff(expected.pred_masks, actual.pred_masks)
+        expected = reference(image_embeddings=expected_embeddings, **prompt)
+        actual = model(image_embeddings=embeddings, **prompt)
+    embedding_diff = max_abs_diff(expected_embeddings, embeddings)
+    mask_diff = max_abs_diff(expected.pred_masks, actual.pred_masks)
     print(f"vit-base 1024: image embeddings {embedding_diff:.2e}, masks {mask_diff:.2e}")
     assert expected_embeddings.shape == (1, 256, 64, 64)
     assert embedding_diff <= ATOL and mask_diff <= ATOL

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import HubServer
 from safetensors.torch import load_file
+from sam_testing import ATOL, hub_env, max_abs_diff, random_stock_sam, run_python, sample_inputs
 from transformers import SamModel
 
-from hub_server import HubServer
 from sam_split import SamSplitModel
-from sam_split.hub_tools import Reloaded, max_differences, reload_and_run, sam_outputs
 from sam_split.push import parse_args
-from sam_testing import ATOL, hub_env, max_abs_diff, random_stock_sam, run_python, sample_inputs
+from sam_split.tools.verify import Reloaded, max_differences, reload_and_run, sam_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_sam_split_test_token"
@@ -128,7 +128,8 @@ def test_processor_loads_from_the_pushed_repo(hub, first_push, tmp_path):
             import numpy as np
             from transformers import AutoProcessor
             processor = AutoProcessor.from_pretrained("tester/sam-tiny-split", revision="{sha}")
-            inputs = processor(images=np.zeros((40, 60, 3), dtype=np.uint8), input_points=[[[10, 20]]], return_tensors="pt")
+            inputs = processor(images=np.zeros((40, 60, 3), dtype=np.uint8), input_points=[[[10, 20]]],
+                               return_tensors="pt")
             print(type(processor).__name__, tuple(inputs["pixel_values"].shape))
         """),
         env=hub_env(hub.url, tmp_path / "home", token=TOKEN), replace_env=True,
@@ -175,7 +176,8 @@ def test_fork_runs_its_own_code(hub, sources, first_push, tmp_path):
                                repo_id="forker/sam-tiny-split", commit_message="fork: own code")
         snapshot_download("tester/sam-tiny-split", revision=args["first_sha"], local_dir=args["reupload"])
         api.create_repo("forker/sam-tiny-split-reupload")
-        api.upload_folder(repo_id="forker/sam-tiny-split-reupload", folder_path=args["reupload"], ignore_patterns=[".cache/*"])
+        api.upload_folder(repo_id="forker/sam-tiny-split-reupload", folder_path=args["reupload"],
+                          ignore_patterns=[".cache/*"])
         print(info.oid)
     """, folder=str(tmp_path / "fork"), reupload=str(tmp_path / "reupload"), first_sha=first_sha)
     assert fork_sha not in hub.git("tester/sam-tiny-split", "log", "--format=%H", "main").split()
@@ -219,7 +221,8 @@ def test_hub_source_branch_and_pull_request(hub, sources, tmp_path):
     assert result.returncode == 0, result.stderr
     branch_sha = SHA.search(result.stdout).group(1)
     assert hub.git("tester/sam-tiny-branch", "rev-parse", "dev") == branch_sha
-    assert json.loads(hub.git("tester/sam-tiny-branch", "show", f"{branch_sha}:preprocessor_config.json")) == preprocessor
+    committed = hub.git("tester/sam-tiny-branch", "show", f"{branch_sha}:preprocessor_config.json")
+    assert json.loads(committed) == preprocessor
     assert "base_model: upstream/sam-tiny\n" in hub.git("tester/sam-tiny-branch", "show", f"{branch_sha}:README.md")
     main_sha = hub.git("tester/sam-tiny-branch", "rev-parse", "main")
     result = run_push(hub, tmp_path, "--source", "upstream/sam-tiny", "--repo-id", "tester/sam-tiny-branch",
@@ -240,7 +243,8 @@ def test_bad_source_fails_before_anything_is_uploaded(hub, sources, tmp_path, ca
     if case == "not a SAM checkpoint":
         from transformers import BertConfig, BertModel
 
-        BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(folder)
+        config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+        BertModel(config).save_pretrained(folder)
         expected = "not a stock SAM checkpoint (model_type='bert'"
     elif case == "pickle only":
         sources[1][0].config.save_pretrained(folder)  # transformers 5 no longer writes .bin weights itself
@@ -270,7 +274,7 @@ def test_verification_mismatch_aborts_with_the_figures(hub, sources, tmp_path):
     commit nor an output folder is left behind."""
     corrupt_then_push = textwrap.dedent(f"""
         import runpy, sys
-        import sam_split.modeling_sam_split as modeling
+        import sam_split.split_qkv as modeling  # where every twin's conversion splits the state dict
         split = modeling.split_qkv_state_dict
         def corrupted(state_dict):
             result = split(state_dict)
@@ -313,13 +317,14 @@ def test_no_push_output_dir_and_argument_errors(sources, tmp_path, capsys):
     for args, message in [
         (["--source", "x", "--no-push"], "--no-push needs --output-dir"),
         (["--source", "x"], "--repo-id is required"),
-        (["--source", "x", "--repo-id", "no-namespace"], "must look like 'namespace/name'"),
+        (["--source", "x", "--repo-id", "no-namespace"], "expected 'namespace/name'"),
         (["--source", "x", "--output-dir", str(out), "--no-push"], "exists and is not empty"),
         (["--source", "x", "--repo-id", "a/b", "--revision", "dev", "--create-pr"], "drop --revision"),
         (["--source", "x", "--repo-id", "a/b", "--token", ""], "--token is empty"),
         (["--source", "x", "--output-dir", str(out / "config.json"), "--no-push"], "exists and is not a folder"),
         (["--source", str(out), "--source-revision", "v1", "--repo-id", "a/b"], "--source-revision is for Hub ids"),
-        (["--source", "random:vit-tiny", "--output-dir", str(tmp_path / "x"), "--no-push"], "expected one of random:vit-base"),
+        (["--source", "random:vit-tiny", "--output-dir", str(tmp_path / "x"), "--no-push"],
+         "expected one of random:vit-base"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             parse_args(args)
@@ -468,3 +473,59 @@ def test_hub_without_xet_support_is_a_clear_message(hub, sources, tmp_path):
         assert_clean_failure(result, tmp_path, "upload to tester/xet", "HF_HUB_DISABLE_XET=1")
     else:
         assert SHA.search(result.stdout)
+
+
+def test_onnx_flag_adds_the_verified_graphs_to_the_same_single_commit(hub, sources, tmp_path):
+    """`--onnx`: the onnx/ folder is exported, verified in onnxruntime against the source, and published in the very
+    commit that holds the weights and the code, so one pinned sha serves PyTorch, onnxruntime and transformers.js."""
+    result = run_push(hub, tmp_path, "--source", str(sources[0] / "sam-1"), "--repo-id", "tester/sam-tiny-onnx",
+                      "--onnx")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Verifying the fp32 graphs in onnxruntime against PyTorch" in result.stdout
+    sha = SHA.search(result.stdout).group(1)
+    files = set(hub.git("tester/sam-tiny-onnx", "ls-tree", "-r", "--name-only", sha).split())
+    assert {"onnx/vision_encoder.onnx", "onnx/prompt_encoder_mask_decoder.onnx", "model.safetensors",
+            "modeling_sam_split.py", "config.json"} <= files
+    changed = set(hub.git("tester/sam-tiny-onnx", "diff-tree", "--root", "--no-commit-id", "--name-only", "-r",
+                          sha).split())
+    assert {"onnx/vision_encoder.onnx", "onnx/prompt_encoder_mask_decoder.onnx", "model.safetensors"} <= changed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repo-id", "a/b..c"], "Cannot have -- or .. in repo_id"),
+    (["--repo-id", "a/b.git"], "cannot end by '.git'"),
+    (["--repo-id", "a/" + "x" * 118], "is not a valid Hub id"),
+    (["--repo-id", "a/b", "--revision", "bad..name"], "is not a valid branch, tag or commit name"),
+    (["--repo-id", "a/b", "--max-shard-size", "lots"], "--max-shard-size 'lots': expected a positive size"),
+    (["--repo-id", "a/b", "--atol", "nan"], "--atol must be a positive number"),
+    (["--repo-id", "a/b", "--timeout", "nan"], "--timeout must be a positive number"),
+])
+def test_what_the_hub_would_refuse_is_refused_at_parse_time(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--source", "random:vit-base", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_changed_shard_layout_loads_each_push_by_its_sha(hub, sources, tmp_path):
+    """One file, then shards, then one file again, into one repository: each printed sha loads exactly the weights its
+    push verified, and its tree holds no weight file of another push (a stale model.safetensors beside new shards was
+    loaded in their place, with the new config)."""
+    repo, pushes, shas = "tester/sam-tiny-layouts", [(0, []), (1, ["--max-shard-size", "20KB"]), (0, [])], []
+    for seed, extra in pushes:
+        result = run_push(hub, tmp_path, "--source", str(sources[0] / f"sam-{seed}"), "--repo-id", repo, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        shas.append(SHA.search(result.stdout).group(1))
+        weights = {name for name in hub.git(repo, "ls-tree", "-r", "--name-only", shas[-1]).split()
+                   if name.startswith(("model.", "model-"))}
+        if extra:
+            assert "model.safetensors" not in weights and "model.safetensors.index.json" in weights
+            assert len(weights) > 2  # the index and at least two shards
+        else:
+            assert weights == {"model.safetensors"}
+    assert len(set(shas[:2])) == 2
+    inputs = sample_inputs(sources[1][0].config)
+    results = load_from_hub(hub, tmp_path, {f"push{index}": (repo, sha) for index, sha in enumerate(shas)}, inputs)
+    assert len(results) == 2 * len(pushes)
+    for key, result in results.items():
+        seed = pushes[int(key.split("/")[0].removeprefix("push"))][0]
+        assert_matches(result, reference_outputs(sources[1][seed], inputs))

@@ -3,8 +3,9 @@
 import re
 from pathlib import Path
 
-from sam_split import SamSplitModel
 from sam_testing import random_stock_sam
+
+from sam_split import SamSplitModel
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

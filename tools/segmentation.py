@@ -4,6 +4,9 @@ An item is one image with up to K objects: the image is encoded once and each ob
 drawn from its mask) is decoded against that one embedding, as SAM's own training does. Scores are Dice and IoU of
 the binarised mask at the image's original resolution (the processor's `post_process_masks`), per object, then
 averaged per image and per class.
+
+Every family (SAM, SAM-HQ, SAM 2) goes through the same code: the processor (`processing.model_processor`) sets the
+geometry, `decode_masks` the family's forward arguments and outputs.
 """
 
 import math
@@ -12,12 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import low_res_target
-
-
-def mask_grid_size(config) -> int:
-    """Side of SAM's low-res masks: 4x the image-embedding grid (256 at image_size 1024, patch 16)."""
-    return 4 * (config.vision_config.image_size // config.vision_config.patch_size)
+from .processing import HQ_TOKEN_ONLY_DEFAULT, decode_options, low_res_target
 
 
 def object_prompt(box, mask, rng, prompt: str, num_points: int, num_negative_points: int, box_jitter: float):
@@ -55,9 +53,9 @@ class PromptedImages(torch.utils.data.Dataset):
     the full-resolution masks for scoring.
     """
 
-    def __init__(self, source, images, processor, mask_grid, prompt="box", num_points=1, num_negative_points=0,
+    def __init__(self, source, images, processor, prompt="box", num_points=1, num_negative_points=0,
                  box_jitter=0.0, seed=0, objects_per_image=None):
-        self.source, self.images, self.processor, self.mask_grid = source, images, processor, mask_grid
+        self.source, self.images, self.processor = source, images, processor
         self.prompt, self.num_points, self.num_negative_points = prompt, num_points, num_negative_points
         self.box_jitter, self.seed, self.objects_per_image = box_jitter, seed, objects_per_image
 
@@ -88,9 +86,8 @@ class PromptedImages(torch.utils.data.Dataset):
         encoded = self.processor(images=self.source.image(ref.key), return_tensors="pt", **prompt)
         item = {
             "pixel_values": encoded["pixel_values"][0],
-            "labels": torch.from_numpy(np.stack([low_res_target(m, self.mask_grid) for m in masks])),
+            "labels": torch.from_numpy(np.stack([low_res_target(m, self.processor) for m in masks])),
             "original_size": encoded["original_sizes"][0],
-            "reshaped_input_size": encoded["reshaped_input_sizes"][0],
             "index": index,
             "class_ids": [obj.class_id for obj in objects],
             "object_names": [obj.name for obj in objects],
@@ -100,6 +97,8 @@ class PromptedImages(torch.utils.data.Dataset):
                 item[name] = encoded[name][0].float()  # (objects, 4) / (objects, points, 2)
         if "input_labels" in encoded:
             item["input_labels"] = encoded["input_labels"][0].long()
+        if "reshaped_input_sizes" in encoded:  # SAM, SAM-HQ: the image's size before padding; SAM 2 does not pad
+            item["reshaped_input_size"] = encoded["reshaped_input_sizes"][0]
         if not training:
             item["masks"] = np.stack(masks)  # (objects, height, width) at the original resolution
         return item
@@ -123,8 +122,9 @@ def collate(items: list) -> dict:
         "labels": torch.stack([F.pad(item["labels"], (0, 0, 0, 0, 0, most - len(item["labels"]))) for item in items]),
         "object_valid": torch.tensor([[k < len(item["labels"]) for k in range(most)] for item in items]),
         "original_sizes": torch.stack([item["original_size"] for item in items]),
-        "reshaped_input_sizes": torch.stack([item["reshaped_input_size"] for item in items]),
     }
+    if "reshaped_input_size" in items[0]:
+        batch["reshaped_input_sizes"] = torch.stack([item["reshaped_input_size"] for item in items])
     for name in PROMPT_KEYS:
         if name in items[0]:
             batch[name] = torch.stack([padded(item[name]) for item in items])
@@ -134,12 +134,21 @@ def collate(items: list) -> dict:
     return batch
 
 
-def decode_masks(model, batch: dict):
-    """Low-res mask logits (batch, objects, grid, grid) and predicted IoU (batch, objects): one image embedding per
-    image, one mask per object prompt."""
+def decode_masks(model, batch: dict, hq_token_only: bool = HQ_TOKEN_ONLY_DEFAULT):
+    """Low-res mask logits (batch, objects, grid, grid), predicted IoU (batch, objects) and SAM 2's object-score
+    logits (batch, objects; None for SAM and SAM-HQ): one image embedding per image, one mask per object prompt.
+
+    `multimask_output=False` for every family, as SAM trains single masks. SAM-HQ: the HQ token's mask alone with
+    `hq_token_only`, else SAM's plus HQ's logits; its IoU is SAM's token's either way (the HQ token has no IoU head).
+    SAM 2: the single-mask token's mask in training mode; in eval mode its `dynamic_multimask_via_stability` (on in
+    the released configs) swaps an unstable single mask (stability score < 0.98) for the best-IoU one of the three
+    multimask outputs, as SAM 2's own predictor does for one-click prompts; `object_score_logits` says whether the
+    object is in the image (> 0)."""
     inputs = {k: batch[k] for k in ("pixel_values", *PROMPT_KEYS) if k in batch}
-    outputs = model(**inputs, multimask_output=False)
-    return outputs.pred_masks[:, :, 0].float(), outputs.iou_scores[:, :, 0].float()
+    outputs = model(**inputs, **decode_options(model, hq_token_only))
+    object_scores = getattr(outputs, "object_score_logits", None)
+    return (outputs.pred_masks[:, :, 0].float(), outputs.iou_scores[:, :, 0].float(),
+            None if object_scores is None else object_scores[:, :, 0].float())
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, pixel_loss: str) -> torch.Tensor:
@@ -162,12 +171,19 @@ def low_res_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return intersection / union.clamp(min=1)
 
 
-def object_losses(model, batch: dict, pixel_loss: str, iou_loss_weight: float = 0.0):
-    """(loss per real object (n,), low-res logits (batch, objects, grid, grid)); padding objects left out."""
-    logits, iou_prediction = decode_masks(model, batch)
+def object_losses(model, batch: dict, pixel_loss: str, iou_loss_weight: float = 0.0,
+                  hq_token_only: bool = HQ_TOKEN_ONLY_DEFAULT):
+    """(loss per real object (n,), low-res logits (batch, objects, grid, grid)); padding objects left out.
+
+    SAM 2 adds its object-score loss as SAM 2's training does (`loss_class`: BCE, weight 1), its target "present":
+    every object here has a non-empty mask."""
+    logits, iou_prediction, object_scores = decode_masks(model, batch, hq_token_only)
     valid = batch["object_valid"]
     real_logits, target = logits[valid], batch["labels"][valid]
     losses = segmentation_loss(real_logits, target, pixel_loss)
+    if object_scores is not None:
+        present = object_scores[valid]
+        losses = losses + F.binary_cross_entropy_with_logits(present, torch.ones_like(present), reduction="none")
     if iou_loss_weight > 0:
         losses = losses + iou_loss_weight * (iou_prediction[valid] - low_res_iou(real_logits, target).detach()) ** 2
     return losses, logits
@@ -181,9 +197,10 @@ def dice_iou(predicted: np.ndarray, target: np.ndarray) -> tuple:
 
 
 def full_resolution_masks(processor, logits: torch.Tensor, batch: dict) -> list:
-    """Per image, bool masks (objects, height, width) at its original size (padding objects dropped)."""
-    masks = processor.post_process_masks(logits[:, :, None].float().cpu(), batch["original_sizes"].cpu(),
-                                         batch["reshaped_input_sizes"].cpu())
+    """Per image, bool masks (objects, height, width) at its original size (padding objects dropped): the
+    processor's post-processing (SAM: padding cropped with the reshaped input size, then resized; SAM 2: resized)."""
+    sizes = [batch[k].cpu() for k in ("original_sizes", "reshaped_input_sizes") if k in batch]
+    masks = processor.post_process_masks(logits[:, :, None].float().cpu(), *sizes)
     return [m[:, 0][batch["object_valid"][i].cpu()].numpy() for i, m in enumerate(masks)]
 
 
@@ -222,7 +239,8 @@ def summarize(records: list, class_names: list) -> dict:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, processor, names: list, pixel_loss: str, on_image=None) -> list:
+def evaluate(accelerator, model, loader, processor, names: list, pixel_loss: str, on_image=None,
+             hq_token_only: bool = HQ_TOKEN_ONLY_DEFAULT) -> list:
     """Score `model` on a loader prepared by `accelerator` (each process a share of the images); return the records
     of every image once, in dataset order, each object also with its low-res `loss`.
 
@@ -233,7 +251,7 @@ def evaluate(accelerator, model, loader, processor, names: list, pixel_loss: str
     records = []
     for batch in loader:
         with accelerator.autocast():
-            losses, logits = object_losses(model, batch, pixel_loss)
+            losses, logits = object_losses(model, batch, pixel_loss, hq_token_only=hq_token_only)
         predicted = full_resolution_masks(processor, logits, batch)
         mine = score_images(predicted, batch, names)
         per_image = losses.float().cpu().split(batch["object_valid"].sum(1).tolist())

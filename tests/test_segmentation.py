@@ -6,13 +6,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sam_testing import random_stock_sam, tiny_sam_config
 
 from sam_split import SamSplitModel
-from sam_split.compat import sam_processor
-from sam_split.data import DataOptions, open_source, scan
-from sam_split.evaluation import (PromptedImages, collate, dice_iou, full_resolution_masks, mask_grid_size,
-                                  object_losses, score_images, summarize)
-from sam_testing import random_stock_sam, tiny_sam_config
+from sam_split.tools.data import DataOptions, open_source, scan
+from sam_split.tools.processing import mask_grid_size, model_processor
+from sam_split.tools.segmentation import (
+    PromptedImages,
+    collate,
+    dice_iou,
+    full_resolution_masks,
+    object_losses,
+    score_images,
+    summarize,
+)
 
 
 def write_objects(root, objects_per_image: dict, size: int = 64):
@@ -36,16 +43,16 @@ def write_objects(root, objects_per_image: dict, size: int = 64):
 def setup(tmp_path_factory):
     root = write_objects(tmp_path_factory.mktemp("objects"), {"a": 3, "b": 1, "c": 5})
     model = SamSplitModel.from_sam(random_stock_sam(tiny_sam_config()))
-    processor, grid = sam_processor(model.config), mask_grid_size(model.config)
+    processor = model_processor(model.config)
     source = open_source(str(root), DataOptions())
-    images = scan(source, grid, strict=True, log=print)
-    return model, processor, grid, source, images
+    images = scan(source, processor, strict=True, log=print)
+    return model, processor, source, images
 
 
 @pytest.mark.parametrize("prompt", ["box", "box+point"])
 def test_several_objects_per_image_give_the_same_loss_as_those_objects_one_by_one(setup, prompt):
-    model, processor, grid, source, images = setup
-    dataset = PromptedImages(source, images[:2], processor, grid, prompt, num_points=2, num_negative_points=1)
+    model, processor, source, images = setup
+    dataset = PromptedImages(source, images[:2], processor, prompt, num_points=2, num_negative_points=1)
     together = collate([dataset[0], dataset[1]])  # 3 + 1 objects, image b padded to 3
     assert together["input_boxes"].shape == (2, 3, 4) and together["object_valid"].tolist() == [[1, 1, 1],
                                                                                                  [1, 0, 0]]
@@ -76,8 +83,8 @@ def test_several_objects_per_image_give_the_same_loss_as_those_objects_one_by_on
 
 
 def test_objects_are_sampled_per_image_reproducibly(setup):
-    model, processor, grid, source, images = setup
-    dataset = PromptedImages(source, images, processor, grid, "box", box_jitter=0.1, seed=3, objects_per_image=2)
+    model, processor, source, images = setup
+    dataset = PromptedImages(source, images, processor, "box", box_jitter=0.1, seed=3, objects_per_image=2)
     names = {epoch: dataset[(epoch, 2)]["object_names"] for epoch in range(6)}  # image c: 5 objects, 2 drawn
     assert all(len(chosen) == 2 for chosen in names.values())
     assert dataset[(4, 2)]["object_names"] == names[4]
@@ -115,7 +122,7 @@ def test_masks_are_scored_at_the_original_resolution():
     Each edge lands exactly on the block border; only the 4 corner pixels fall off: there both bilinear weights are
     5/8, so the logit is 10 * (2 * (5/8)^2 - 1) < 0."""
     config = tiny_sam_config()
-    processor, grid = sam_processor(config), mask_grid_size(config)
+    processor, grid = model_processor(config), mask_grid_size(config)
     encoded = processor(images=Image.new("RGB", (64, 48)), return_tensors="pt")
     low_res = torch.full((1, 2, grid, grid), -10.0)
     low_res[0, 0, 2:5, 3:9] = 10.0  # rows 8..19, columns 12..35 at full resolution

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Export a SamSplitModel (with a LoRA adapter merged in) to ONNX for onnxruntime and transformers.js, verified.
+
+    python export_onnx.py --model ORG/sam-vit-base-split --revision BASE_SHA \\
+        --adapter ORG/my-adapter --adapter-revision ADAPTER_SHA --output-dir sam-onnx [--dtype fp16] [--quantize]
+
+The output folder holds `onnx/vision_encoder.onnx` (pixel_values -> image_embeddings, image_positional_embeddings) and
+`onnx/prompt_encoder_mask_decoder.onnx` (image_embeddings, image_positional_embeddings, input_points, input_labels,
+input_boxes -> iou_scores, pred_masks), `_fp16` / `_quantized` variants on request, `config.json`,
+`preprocessor_config.json` and a model card naming the base and adapter revisions. Before the folder appears,
+onnxruntime runs every graph on point and box prompts at batch 1 and 2 and must match the merged PyTorch model
+(fp32: --atol, default 1e-4); otherwise nothing is written. Needs the `onnx` extra: pip install -e ".[onnx]".
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sam_split.tools.cli import ToolError, locate, run_tool, step
+from sam_split.tools.files import atomic_output_dir
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="SamSplitModel: a local folder or a Hub id")
+    parser.add_argument("--revision", help="branch, tag or commit of a Hub --model")
+    parser.add_argument("--adapter", help="PEFT LoRA adapter (folder or Hub id), merged into the model before export")
+    parser.add_argument("--adapter-revision", help="branch, tag or commit of a Hub --adapter")
+    parser.add_argument("--output-dir", required=True, type=Path, help="new folder to write")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="fp16 also writes onnx/*_fp16.onnx (fp16 weights, fp32 inputs and outputs)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="also write onnx/*_quantized.onnx (onnxruntime dynamic int8 quantization)")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="largest allowed abs difference of the fp32 graphs' outputs from PyTorch's (default 1e-4)")
+    args = parser.parse_args(argv)
+    if args.adapter_revision and not args.adapter:
+        parser.error("--adapter-revision needs --adapter")
+    if not args.atol > 0:
+        parser.error("--atol must be positive")
+    return args
+
+
+def load_merged(model, adapter):
+    """The SamSplitModel at `model` (a `Location`) with the adapter at `adapter` merged in (PEFT merge_and_unload),
+    fp32, eval mode."""
+    from sam_split import SamSplitModel
+
+    try:
+        base = SamSplitModel.from_pretrained(model.name, revision=model.revision)
+    except (OSError, ValueError) as error:
+        raise ToolError(f"--model {model}: cannot load it as a SamSplitModel: {str(error).splitlines()[0]}") from error
+    if adapter is None:
+        return base.float().eval()
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ToolError('--adapter needs peft: pip install -e ".[lora]"') from None
+    try:
+        tuned = PeftModel.from_pretrained(base, adapter.name, revision=adapter.revision)
+    except (OSError, ValueError, KeyError) as error:
+        raise ToolError(f"--adapter {adapter}: cannot load it onto --model: {str(error).splitlines()[0]}") from error
+    return tuned.merge_and_unload().float().eval()
+
+
+def preprocessor_config(model, image_size: int) -> dict:
+    """The model's own preprocessor_config.json where it has one, else SAM's standard one."""
+    import json
+
+    from sam_split.tools.compat import sam_preprocessor_config
+
+    if model.kind == "local":
+        path = Path(model.name) / "preprocessor_config.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return sam_preprocessor_config(image_size)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(model.name, "preprocessor_config.json", revision=model.revision)
+        return json.loads(Path(path).read_text())
+    except EntryNotFoundError:
+        return sam_preprocessor_config(image_size)
+
+
+def model_card(model, adapter, differences: dict, files: list[str]) -> str:
+    def described(location):
+        return (f"`{location.name}` (revision `{location.revision or 'main, unpinned'}`)"
+                if location.is_hub else f"the local folder `{Path(location.name).name}`")
+
+    lines = [
+        "---", "library_name: transformers.js", "pipeline_tag: mask-generation",
+        "tags: [sam, segment-anything, onnx]", "---", "", "# SAM, exported to ONNX", "",
+        f"Base model: {described(model)}.",
+        f"Adapter: {described(adapter)}, merged into the base (PEFT `merge_and_unload`) before export." if adapter
+        else "Adapter: none.", "",
+        "Exported with sam-split's `export_onnx.py` and verified in onnxruntime against the PyTorch model (point, box "
+        "and point+box prompts, batch 1 and 2); largest abs differences:", "",
+    ]
+    lines += [f"- {variant}: " + ", ".join(f"{name} {value:.1e}" for name, value in diffs.items())
+              for variant, diffs in differences.items()]
+    lines += ["", "Files:", ""] + [f"- `{name}`" for name in files]
+    lines += ["", "Every decoder input must be given: no box is `input_boxes` of -1s, no points are zero points "
+              "(`input_points` of shape (batch, point_batch, 0, 2)). See sam-split's README, section Deploy.", ""]
+    return "\n".join(lines)
+
+
+def export(args) -> None:
+    from sam_split.tools import onnx_export
+
+    onnx_export.require_onnx()  # before anything slow
+    model_location = locate(args.model, args.revision, flag="--model")
+    adapter_location = locate(args.adapter, args.adapter_revision, flag="--adapter") if args.adapter else None
+    variants = ("fp32",) + (("fp16",) if args.dtype == "fp16" else ()) + (("quantized",) if args.quantize else ())
+    started = time.monotonic()
+    with atomic_output_dir(args.output_dir) as folder:
+        step(f"Loading {model_location}" + (f" and merging the adapter {adapter_location}" if adapter_location else ""))
+        model = load_merged(model_location, adapter_location)
+        differences = onnx_export.export_model(model, folder, variants, atol=args.atol)
+        files = sorted(str(path.relative_to(folder)) for path in (folder / "onnx").iterdir())
+        preprocessor = preprocessor_config(model_location, model.config.vision_config.image_size)
+        onnx_export.write_metadata(folder, model, preprocessor,
+                                   model_card(model_location, adapter_location, differences, files))
+    step(f"Wrote {args.output_dir} in {time.monotonic() - started:.0f} s: " + ", ".join(files))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_tool(lambda: export(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

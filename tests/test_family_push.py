@@ -1,0 +1,117 @@
+"""push.py on the SAM family (issue 19's "done when"): a tiny random stock SamHQModel, Sam2Model and Sam2VideoModel
+folder written by `save_pretrained` (no processor files) each go through `push.py --source DIR --output-dir OUT
+--no-push`; a fresh process loads OUT with `AutoModel.from_pretrained(OUT, trust_remote_code=True)` as the twin, equal
+to the stock model at 1e-5, and LoRA `["q", "v"]` lands on exactly the vision encoder's q and v."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from sam_testing import ATOL, random_stock, run_python, tiny_sam2_config, tiny_sam_hq_config
+from transformers import Sam2Model, Sam2VideoConfig, Sam2VideoModel, SamHQModel
+
+from sam_split.tools.verify import max_differences, sam_outputs, verification_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+VERIFY = ROOT / "tools" / "verify.py"
+
+
+def tiny_video_config() -> Sam2VideoConfig:
+    image = tiny_sam2_config()
+    return Sam2VideoConfig(vision_config=image.vision_config.to_dict(),
+                           prompt_encoder_config=image.prompt_encoder_config.to_dict(),
+                           mask_decoder_config=image.mask_decoder_config.to_dict())
+
+
+SOURCES = {  # stock class, its tiny config, the twin push.py must build, the vision q/v name pattern
+    "sam_hq": (SamHQModel, tiny_sam_hq_config, "SamHQSplitModel", r"vision_encoder\.layers\.\d+\.attn\.(q|v)"),
+    "sam2": (Sam2Model, tiny_sam2_config, "Sam2SplitModel", r"vision_encoder\.backbone\.blocks\.\d+\.attn\.(q|v)"),
+    "sam2_video": (Sam2VideoModel, tiny_video_config, "Sam2SplitModel",
+                   r"vision_encoder\.backbone\.blocks\.\d+\.attn\.(q|v)"),
+}
+
+# The child: no import of this package (the repository's own code must load), outputs computed by tools/verify.py
+# loaded by path (it imports only the standard library and torch), then LoRA on q and v.
+CHILD = textwrap.dedent("""
+    import importlib.util, json, re, sys, torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+    out, verify_file, inputs_file, results_file, pattern = sys.argv[1:]
+    spec = importlib.util.spec_from_file_location("verify_by_path", verify_file)
+    verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verify)
+    model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    torch.save(verify.sam_outputs(model, torch.load(inputs_file)), results_file)
+    vision_qv = sorted(name for name, _ in model.named_modules() if re.fullmatch(pattern, name))
+    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules=["q", "v"]))
+    adapted = sorted(name.rsplit(".lora_A", 1)[0].removeprefix("base_model.model.")
+                     for name, _ in peft_model.named_parameters() if ".lora_A" in name)
+    assert "sam_split" not in sys.modules
+    print(json.dumps({"class": type(model).__name__, "module": type(model).__module__, "adapted": adapted,
+                      "vision_qv": vision_qv}))
+""")
+
+
+@pytest.mark.parametrize("kind", sorted(SOURCES))
+def test_push_converts_each_family_checkpoint_and_the_build_loads_as_the_twin(kind, tmp_path):
+    stock_class, config, twin_name, pattern = SOURCES[kind]
+    stock = random_stock(stock_class, config())
+    stock.save_pretrained(tmp_path / "stock")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "push.py"), "--source", str(tmp_path / "stock"),
+                             "--output-dir", str(out), "--no-push", "--atol", str(ATOL)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"to {twin_name}" in result.stdout and "Verified against the source" in result.stdout
+    assert ("video memory" in result.stdout) == (kind == "sam2_video")
+    card = (out / "README.md").read_text()
+    code = sorted(path.name for path in out.glob("*.py"))
+    assert f"The model code lives in this repository ({', '.join(f'`{name}`' for name in code)}," in card
+    assert ("left out" in card) == (kind == "sam2_video") and twin_name in card
+    processor = json.loads((out / "preprocessor_config.json").read_text())
+    assert processor["processor_class"] == {"sam_hq": "SamHQProcessor"}.get(kind, "Sam2Processor")
+
+    reference = stock if kind != "sam2_video" else Sam2Model.from_pretrained(tmp_path / "stock")
+    inputs = verification_inputs(reference.config)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    child = run_python(CHILD.replace("sys.argv[1:]", repr([str(out), str(VERIFY), str(tmp_path / "inputs.pt"),
+                                                          str(tmp_path / "results.pt"), pattern])),
+                       env={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"})
+    report = json.loads(child.strip().splitlines()[-1])
+    assert report["class"] == twin_name and report["module"].startswith("transformers_modules.")
+    # q and v of each vision attention block: 3 ViT layers (SAM-HQ), 6 Hiera blocks (SAM 2)
+    assert report["adapted"] == report["vision_qv"] and len(report["vision_qv"]) == (6 if kind == "sam_hq" else 12)
+    expected = sam_outputs(reference, inputs)
+    differences = max_differences(torch.load(tmp_path / "results.pt"), expected)
+    assert sorted(differences) == sorted(expected) and max(differences.values()) <= ATOL, differences
+
+
+def test_random_names_cover_every_member_and_keep_the_old_ones():
+    from sam_split.push import parse_source
+    from sam_split.tools.family import member_for_random, random_names
+
+    names = random_names()
+    assert {"random:vit-base", "random:vit-large", "random:vit-huge", "random:sam-vit-base", "random:sam-tiny",
+            "random:sam-hq-vit-base", "random:sam-hq-vit-huge", "random:sam2.1-hiera-tiny",
+            "random:sam2.1-hiera-base-plus", "random:sam2.1-hiera-large"} <= set(names)
+    assert member_for_random("vit-base").name == "SAM" and member_for_random("sam2.1-hiera-small").name == "SAM 2.1"
+    assert parse_source("random:sam-hq-vit-large", None).name == "sam-hq-vit-large"
+    with pytest.raises(ValueError, match="expected one of random:vit-base.*random:sam2.1-hiera-large"):
+        parse_source("random:sam2-hiera-tiny", None)
+
+
+def test_sam_tiny_is_small_and_runs():
+    from sam_split import SamSplitModel
+    from sam_split.tools.family import random_stock_model
+
+    member, stock = random_stock_model("sam-tiny")
+    assert member.twin is SamSplitModel and sum(p.numel() for p in stock.parameters()) < 1_000_000
+    assert stock.config.vision_config.image_size == 256
+    twin = SamSplitModel.from_stock(stock)
+    inputs = verification_inputs(stock.config)
+    differences = max_differences(sam_outputs(twin, inputs), sam_outputs(stock, inputs))
+    assert max(differences.values()) <= ATOL

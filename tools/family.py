@@ -1,0 +1,151 @@
+"""The SAM family as the tools see it: which twin converts which stock checkpoint, the `random:` names built from each
+member's own size table, and each member's default processor configuration. Adding a member is adding a row here
+(and its model files at the root), not a branch in every tool.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+from .. import Sam2SplitModel, SamHQSplitModel, SamSplitModel
+from ..configuration_sam2_split import SAM2_SIZES
+from ..configuration_sam_hq_split import SAM_HQ_SIZES
+from ..configuration_sam_split import SAM_SIZES, SAM_TINY
+from .compat import sam2_preprocessor_config, sam_hq_preprocessor_config, sam_preprocessor_config
+
+RANDOM_PREFIX = "random:"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One family member: its stock `model_type`s, its split twin, its `random:` sizes and its default processor.
+
+    `sizes`: {random name (after `random:`): stock config arguments}; `processor_config`: a config of the member ->
+    `preprocessor_config.json` contents that `AutoProcessor` loads; `describe`: a config -> its sizes in words;
+    `card_tags`, `doc_url`, `post_process`: the model card's tags, link and mask post-processing call."""
+
+    name: str
+    stock_types: tuple[str, ...]
+    twin: type
+    sizes: dict[str, dict]
+    processor_config: Callable[[object], dict]
+    describe: Callable[[object], str]
+    card_tags: tuple[str, ...]
+    doc_url: str
+    post_process: str
+
+    @property
+    def stock_class(self) -> type:
+        return self.twin.stock_class
+
+    def stock_config(self, size: str):
+        return self.twin.stock_config_class(**self.sizes[size])
+
+
+def _image_size(config) -> int:
+    return config.prompt_encoder_config.image_size
+
+
+def _describe_vit(config) -> str:
+    vision = config.vision_config
+    return (f"hidden size {vision.hidden_size}, {vision.num_hidden_layers} layers, {vision.num_attention_heads} heads, "
+            f"global attention in layers {list(vision.global_attn_indexes)}")
+
+
+def _describe_hiera(config) -> str:
+    hiera = config.vision_config.backbone_config
+    return (f"Hiera widths {list(hiera.embed_dim_per_stage)}, blocks per stage {list(hiera.blocks_per_stage)}, "
+            f"global attention in blocks {list(hiera.global_attention_blocks)}")
+
+
+_SAM_POST_PROCESS = ('processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], '
+                     'inputs["reshaped_input_sizes"])')
+_DOCS = "https://huggingface.co/docs/transformers/model_doc/"
+
+
+MEMBERS = (
+    Member(
+        "SAM", ("sam",), SamSplitModel,
+        # `vit-*` without the family prefix: the names README and scripts have used since the first release
+        {**{size: dict(vision_config=sizes) for size, sizes in SAM_SIZES.items()},
+         **{f"sam-{size}": dict(vision_config=sizes) for size, sizes in SAM_SIZES.items()}, "sam-tiny": SAM_TINY},
+        lambda config: sam_preprocessor_config(_image_size(config)), _describe_vit, ("sam", "segment-anything"),
+        _DOCS + "sam", _SAM_POST_PROCESS,
+    ),
+    Member(
+        "SAM-HQ", ("sam_hq",), SamHQSplitModel, {f"sam-hq-{size}": sizes for size, sizes in SAM_HQ_SIZES.items()},
+        lambda config: sam_hq_preprocessor_config(_image_size(config)), _describe_vit, ("sam-hq", "segment-anything"),
+        _DOCS + "sam_hq", _SAM_POST_PROCESS,
+    ),
+    Member(
+        "SAM 2.1", ("sam2", "sam2_video"), Sam2SplitModel,
+        {f"sam2.1-{size}": sizes for size, sizes in SAM2_SIZES.items()},
+        lambda config: sam2_preprocessor_config(_image_size(config)), _describe_hiera, ("sam2", "segment-anything"),
+        _DOCS + "sam2", 'processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"])',
+    ),
+)
+
+
+def random_names() -> list[str]:
+    """Every `random:` source name, in table order."""
+    return [RANDOM_PREFIX + size for member in MEMBERS for size in member.sizes]
+
+
+def member_for_random(size: str) -> Member:
+    """The member whose size table has `size` (the name after `random:`); a `ValueError` lists the names."""
+    for member in MEMBERS:
+        if size in member.sizes:
+            return member
+    raise ValueError(f"expected one of {', '.join(random_names())}, got {RANDOM_PREFIX + size!r}")
+
+
+def member_for_model_type(model_type: str | None) -> Member:
+    """The member that converts stock checkpoints of `model_type`; a `ValueError` names what is accepted."""
+    for member in MEMBERS:
+        if model_type in member.stock_types:
+            return member
+    twins = {member.twin.config_class.model_type: member.twin.__name__ for member in MEMBERS}
+    hint = f" (already split: load it with {twins[model_type]}.from_pretrained)" if model_type in twins else ""
+    accepted = ", ".join(repr(stock_type) for member in MEMBERS for stock_type in member.stock_types)
+    raise ValueError(f"not a stock SAM checkpoint (model_type={model_type!r}, expected one of the SAM family: "
+                     f"{accepted}){hint}")
+
+
+def member_for_config(config) -> Member:
+    """The member of a config, stock or split (e.g. `SamConfig` or `Sam2SplitConfig`)."""
+    for member in MEMBERS:
+        if config.model_type in (*member.stock_types, member.twin.config_class.model_type):
+            return member
+    raise ValueError(f"model_type {config.model_type!r} is not one of the SAM family")
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Overwrite every floating-point weight and buffer of `model` with N(0, std), in place: transformers 5 initialises
+    some weights (rel-pos tables, positional embeddings) to zero, and a comparison on near-zero weights proves nothing.
+    The one re-randomiser: `random:` sources, the tests and the benchmarks use it."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):  # a tied weight once
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * std)
+    return model
+
+
+def random_stock_model(size: str):
+    """`(member, stock model)` of a `random:` size with N(0, 0.05) weights everywhere (see `randomize_`)."""
+    member = member_for_random(size)
+    torch.manual_seed(0)
+    return member, randomize_(member.stock_class(member.stock_config(size))).eval()
+
+
+def checkpoint_model_type(name_or_path, revision: str | None = None) -> str | None:
+    """The `model_type` in a checkpoint's config.json (a folder or a Hub id)."""
+    kwargs = {"revision": revision} if revision else {}
+    config_dict, _ = transformers.PretrainedConfig.get_config_dict(str(name_or_path), **kwargs)
+    return config_dict.get("model_type")
+
+
+__all__ = ["MEMBERS", "Member", "RANDOM_PREFIX", "checkpoint_model_type", "member_for_config", "member_for_model_type",
+           "member_for_random", "random_names", "random_stock_model", "randomize_"]

@@ -1,0 +1,186 @@
+"""Talking to the Hub: who the token belongs to, publishing a folder in one commit, and failures as one line."""
+
+import contextlib
+import hashlib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.hf_api import RepoFile
+
+from .cli import ToolError
+from .compat import hub_failure_types
+
+
+def hub_failure(action: str, error: BaseException) -> ToolError:
+    """A `ToolError` for a failed Hub request, with the reason in a line (the server's message, or what the network
+    did) rather than a traceback."""
+    reason = error_reason(error)
+    return ToolError(f"{action}: {type(error).__name__}{': ' + reason if reason else ''}")
+
+
+def error_reason(error: BaseException) -> str:
+    """The reason a failed request gives, whole, on one line: the server's own message when it sent one (it may span
+    several lines in the client's rendering; none of it is cut), else the error's text."""
+    text, server_message = str(error), getattr(error, "server_message", None)
+    if server_message and " ".join(server_message.split()) not in " ".join(text.split()):
+        text += f" {server_message}"
+    return " ".join(text.split())
+
+
+def hub_user(token: str | None = None) -> str:
+    """The user name the Hub at `HF_ENDPOINT` knows `token` (None: `HF_TOKEN` or the saved login) by; a `ToolError`
+    saying so when it refuses the token or cannot be reached. Run it before a long job that ends in an upload."""
+
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()
+    except hub_failure_types() as error:
+        raise hub_failure(f"the Hub at {api.endpoint} refused the token or could not be reached (set HF_TOKEN, run "
+                          "`hf auth login`, or pass --token)", error) from error
+    return user.get("name", "?")
+
+
+@dataclass(frozen=True)
+class PublishedCommit:
+    repo_id: str
+    sha: str
+    url: str  # the commit's page, or the pull request's when one was opened
+    pull_request: bool
+    note: str = ""  # what else the user should know: the answer was lost but the commit landed, or nothing changed
+
+
+# The Hub writes .gitattributes into every new repository (which files go to LFS); a published folder without one
+# keeps the Hub's.
+HUB_OWN_FILES = (".gitattributes",)
+
+
+def folder_files(folder: Path) -> dict[str, tuple[int, str, str]]:
+    """{path in the repo: (size, sha256, git blob sha1)} of every file under `folder`: what the Hub reports of a
+    committed file (the sha256 of an LFS file, the git blob id of a regular one) to compare with."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            size, sha256, blob = path.stat().st_size, hashlib.sha256(), hashlib.sha1()
+            blob.update(f"blob {size}\0".encode())
+            with open(path, "rb") as file:
+                while chunk := file.read(1 << 20):
+                    sha256.update(chunk)
+                    blob.update(chunk)
+            files[path.relative_to(folder).as_posix()] = (size, sha256.hexdigest(), blob.hexdigest())
+    return files
+
+
+def tree_differences(api: HfApi, repo_id: str, sha: str, local: dict[str, tuple[int, str, str]]) -> list[str]:
+    """How the repository's tree at commit `sha` differs from `local` (see `folder_files`), in words; [] when it holds
+    exactly those files with those contents (besides the Hub's own .gitattributes)."""
+    remote = {item.path: item for item in api.list_repo_tree(repo_id, revision=sha, recursive=True)
+              if isinstance(item, RepoFile)}
+    problems = [f"{path} is not in the folder" for path in sorted(set(remote) - set(local))
+                if path not in HUB_OWN_FILES]
+    problems += [f"{path} is missing" for path in sorted(set(local) - set(remote))]
+    for path in sorted(set(local) & set(remote)):
+        size, sha256, blob = local[path]
+        item = remote[path]
+        same = (item.lfs.sha256 == sha256 and item.lfs.size == size) if item.lfs else item.blob_id == blob
+        if not same:
+            problems.append(f"{path} differs")
+    return problems
+
+
+def publish_folder(folder: Path, repo_id: str, *, commit_message: str, revision: str | None = None,
+                   create_pr: bool = False, private: bool = False, token: str | None = None) -> PublishedCommit:
+    """Make the model repository `repo_id` at branch `revision` (default main) hold exactly `folder`, in one commit.
+
+    The commit adds every file of the folder and deletes every file the folder does not hold (the Hub's own
+    .gitattributes apart), on top of the branch head it read (`parent_commit`: a commit in between is refused, not
+    mixed in). Afterwards the committed tree is compared with the folder, file by file (sizes and hashes), so the
+    returned sha loads exactly what was in `folder`. Creates the repository (`private`) if missing, and the branch from
+    main if missing; `create_pr` opens a pull request against main instead. A branch that already holds exactly the
+    folder gets no new commit (its head is returned, with a note).
+
+    When the Hub's answer to the commit is lost (an error after applying it, a dropped connection, a timeout), the
+    repository is looked at for the commit, by a unique marker in its description: found, it is returned with a note;
+    not found, `ToolError` says nothing was committed; unknown, `ToolError` says how to check. Every other Hub or
+    network failure is a `ToolError` with the server's reason. (Call `compat.set_hub_timeout` first, or an unanswered
+    request waits forever.)
+    """
+    if create_pr and revision not in (None, "main"):
+        raise ValueError("create_pr opens a pull request against the default branch; pass no revision")
+    api, branch = HfApi(token=token), revision or "main"
+    local = folder_files(folder)
+    with hub_errors(f"upload to {repo_id} at {api.endpoint} failed (nothing was committed)"):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        head = api.repo_info(repo_id, revision=branch).sha
+        stale = tree_differences(api, repo_id, head, local)
+    if not stale and not create_pr:
+        return PublishedCommit(repo_id, head, f"{api.endpoint}/{repo_id}/commit/{head}", False,
+                               note=f"{repo_id}@{branch} already holds exactly this folder: nothing to commit")
+    missing = " is not in the folder"
+    remote_only = [line.removesuffix(missing) for line in stale if line.endswith(missing)]
+    marker = f"sam-split-publish-id: {uuid.uuid4().hex}"
+    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(folder / path)) for path in local]
+    operations += [CommitOperationDelete(path_in_repo=path) for path in remote_only]
+    try:
+        commit = api.create_commit(repo_id, operations, commit_message=commit_message, commit_description=marker,
+                                   revision=None if create_pr else branch, create_pr=create_pr, parent_commit=head)
+        published = PublishedCommit(repo_id, commit.oid, commit.pr_url or commit.commit_url, bool(commit.pr_url))
+    except hub_failure_types() as error:
+        published = landed_commit(api, repo_id, branch, head, marker, create_pr, error)
+    check_published(api, published, local)
+    return published
+
+
+def landed_commit(api: HfApi, repo_id: str, branch: str, head: str, marker: str, create_pr: bool,
+                  error: BaseException) -> PublishedCommit:
+    """After a failed commit request: the commit if it landed all the same (found by `marker`), else a `ToolError`
+    saying that nothing was committed, or that it cannot be told."""
+    answer = f"{type(error).__name__}: {error_reason(error)}"
+    try:
+        if create_pr:
+            refs = api.list_repo_refs(repo_id, include_pull_requests=True).pull_requests or []
+            candidates = [ref.ref for ref in refs]
+        else:
+            candidates = [branch]
+        for ref in candidates:
+            for commit in api.list_repo_commits(repo_id, revision=ref):
+                if commit.commit_id == head:
+                    break
+                if marker in f"{commit.title}\n{commit.message}":
+                    number = ref.rpartition("/")[2]
+                    url = (f"{api.endpoint}/{repo_id}/discussions/{number}" if create_pr
+                           else f"{api.endpoint}/{repo_id}/commit/{commit.commit_id}")
+                    return PublishedCommit(repo_id, commit.commit_id, url, create_pr, note=(
+                        f"the Hub's answer to the commit was lost ({answer}), but the commit landed: "
+                        f"{commit.commit_id}"))
+    except hub_failure_types() as lookup_error:
+        raise ToolError(f"upload to {repo_id} at {api.endpoint}: the answer to the commit was lost ({answer}) and "
+                        f"the repository could not be checked ({type(lookup_error).__name__}: "
+                        f"{error_reason(lookup_error)}). Whether it landed is unknown: look in its history for a "
+                        f"commit whose description says '{marker}' before publishing again") from error
+    failure = f"upload to {repo_id} at {api.endpoint} failed: {answer}. Nothing was committed (checked: {branch} "
+    failure += "has no pull request from it)" if create_pr else f"is still at {head})"
+    if "xet" in str(error).lower():  # huggingface_hub uploads through Xet storage unless told otherwise
+        failure += ". A Hub without Xet storage needs HF_HUB_DISABLE_XET=1 in the environment"
+    raise ToolError(failure) from error
+
+
+def check_published(api: HfApi, published: PublishedCommit, local: dict[str, tuple[int, str, str]]) -> None:
+    """A `ToolError` unless the tree of the published commit holds exactly the `local` files."""
+    with hub_errors(f"{published.repo_id}: committed {published.sha}, but reading its file list back failed"):
+        problems = tree_differences(api, published.repo_id, published.sha, local)
+    if problems:
+        raise ToolError(f"{published.repo_id}: commit {published.sha} does not hold exactly the verified folder: "
+                        f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}; do not use that sha")
+
+
+@contextlib.contextmanager
+def hub_errors(action: str):
+    """Hub and network failures inside the block become `hub_failure(action, ...)`."""
+    try:
+        yield
+    except hub_failure_types() as error:
+        raise hub_failure(action, error) from error

@@ -1,0 +1,148 @@
+"""Which base model and adapter a tool runs on, checked before anything slow, and loaded in one place.
+
+`resolve_model` / `resolve_adapter` turn a command-line argument into a `Location` (a local folder, or a Hub id pinned
+to its commit sha) after looking at what it holds: a SamSplitModel's `config.json`, an adapter's
+`adapter_config.json`, or neither. Each mistake is one line that says what was expected (an adapter given as the
+model, a stock SAM checkpoint that push.py must convert first, a typo, a revision the repository does not have, a Hub
+that cannot be reached). `model_config`, `load_model` and `load_adapter` are the only places the tools load these;
+a family's processor and mask geometry are `processing`'s."""
+
+import json
+from pathlib import Path
+
+import transformers
+from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+from .cli import Location, ToolError, locate
+from .compat import hub_failure_types
+from .processing import load_model as load_family_model
+
+# The split-q/k/v twins' model_types, each with the stock model_types push.py converts into it.
+MODEL_TYPES = {"sam_split": ("sam",), "sam_hq_split": ("sam_hq",), "sam2_split": ("sam2", "sam2_video")}
+STOCK_MODEL_TYPES = {stock: twin for twin, stocks in MODEL_TYPES.items() for stock in stocks}
+STOCK_NAMES = {"sam": "SAM", "sam_hq": "SAM-HQ", "sam2": "SAM 2", "sam2_video": "SAM 2 video"}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _hub_listing(location: Location, flag: str, revision_flag: str) -> tuple[str, set]:
+    """(commit sha, file names) of a Hub repository at `location.revision`, or a `ToolError` saying what is wrong."""
+    api = HfApi()
+    try:
+        info = api.model_info(location.name, revision=location.revision)
+    except RevisionNotFoundError:
+        raise ToolError(f"{revision_flag} {location.revision}: no such branch, tag or commit in {location.name} "
+                        f"(the repository exists on the Hub at {api.endpoint})") from None
+    except RepositoryNotFoundError:
+        raise ToolError(f"{flag} {location.name}: no such folder, and not found on the Hub at {api.endpoint} "
+                        "(a private repository needs HF_TOKEN)") from None
+    except hub_failure_types() as error:
+        raise ToolError(f"{flag} {location.name}: no such folder, and the Hub at {api.endpoint} cannot be reached "
+                        f"({_first_line(error)})") from None
+    return info.sha, {sibling.rfilename for sibling in info.siblings or []}
+
+
+def _cached_files(location: Location, flag: str, revision_flag: str) -> set:
+    """With HF_HUB_OFFLINE: which of the files we look at are in the download cache for a pinned commit."""
+    if len(location.revision or "") != 40:
+        raise ToolError(f"{flag} {location.name}: no such folder, and HF_HUB_OFFLINE is set: a Hub id loads from the "
+                        f"cache only when {revision_flag} is a commit sha")
+    files = {name for name in ("config.json", "adapter_config.json")
+             if isinstance(try_to_load_from_cache(location.name, name, revision=location.revision), str)}
+    if not files:
+        raise ToolError(f"{flag} {location}: no such folder, and HF_HUB_OFFLINE is set while the download cache does "
+                        "not hold it")
+    return files
+
+
+def _locate_files(text: str, revision: str | None, flag: str, revision_flag: str) -> tuple[Location, set]:
+    """The argument as a `Location` (a Hub id pinned to its sha; a local folder by its absolute path) and the names
+    of the files at its top level."""
+    location = locate(text, revision, flag=flag)
+    if location.is_hub:
+        if constants.HF_HUB_OFFLINE:
+            return location, _cached_files(location, flag, revision_flag)
+        sha, files = _hub_listing(location, flag, revision_flag)
+        return Location("hub", location.name, sha), files
+    path = Path(text).expanduser().resolve()
+    if not path.is_dir():
+        raise ToolError(f"{flag} {text} is a file; expected a folder or a Hub id")
+    return Location("local", str(path)), {child.name for child in path.iterdir()}
+
+
+def _read_json(location: Location, name: str, flag: str) -> dict:
+    try:
+        path = hf_hub_download(location.name, name, revision=location.revision) if location.is_hub \
+            else Path(location.name) / name
+        return json.loads(Path(path).read_text())
+    except (ValueError, *hub_failure_types()) as error:
+        raise ToolError(f"{flag} {location}: cannot read its {name} ({_first_line(error)})") from None
+
+
+def resolve_model(text: str, revision: str | None, *, flag: str = "--model",
+                  revision_flag: str = "--base-revision") -> Location:
+    """`text` (+ `revision`) as the Location of a split-q/k/v twin (SAM, SAM-HQ, SAM 2): refused in one line when it
+    is an adapter, a stock checkpoint (pointing at push.py), another model, not a model at all, or not found."""
+    location, files = _locate_files(text, revision, flag, revision_flag)
+    if "config.json" not in files:
+        if "adapter_config.json" in files:
+            raise ToolError(f"{flag} {text} is a PEFT adapter, not a model: pass its base model as {flag} (its "
+                            "adapter_config.json names it) and the adapter as --adapter (evaluate.py), or fine-tune "
+                            "its merged model (finetune.py --merge-to-sam, then push.py)")
+        raise ToolError(f"{flag} {text} holds no config.json: expected a SamSplitModel folder or Hub id (made by "
+                        "push.py or SamSplitModel.save_pretrained)")
+    model_type = _read_json(location, "config.json", flag).get("model_type")
+    if model_type in STOCK_MODEL_TYPES:
+        raise ToolError(f"{flag} {text} is a stock {STOCK_NAMES[model_type]} checkpoint (fused qkv): convert it first "
+                        f"with `python push.py --source {text} --output-dir DIR --no-push` and pass DIR")
+    if model_type not in MODEL_TYPES:
+        raise ToolError(f"{flag} {text} is a {model_type!r} model; expected a split-q/k/v twin (model_type "
+                        f"{', '.join(map(repr, MODEL_TYPES))}, made by push.py)")
+    return location
+
+
+def resolve_adapter(text: str, revision: str | None) -> tuple[Location, dict]:
+    """(Location, adapter_config.json) of a PEFT adapter folder or Hub id; a wrong `--adapter-revision` says so."""
+    location, files = _locate_files(text, revision, "--adapter", "--adapter-revision")
+    if "adapter_config.json" not in files:
+        model = " (it holds a model: pass it as --model)" if "config.json" in files else ""
+        raise ToolError(f"--adapter {text} holds no adapter_config.json: not a PEFT adapter{model}")
+    return location, _read_json(location, "adapter_config.json", "--adapter")
+
+
+def adapter_base(config: dict) -> tuple[str, str | None]:
+    """(base model, revision) recorded in an adapter's config."""
+    return config.get("base_model_name_or_path") or "", config.get("revision")
+
+
+def model_config(location: Location):
+    """The model's config alone: enough to set up the data before the weights are loaded."""
+    try:
+        return transformers.AutoConfig.from_pretrained(location.name, revision=location.revision,
+                                                       trust_remote_code=True)
+    except (ValueError, *hub_failure_types()) as error:
+        raise ToolError(f"cannot read the config of {location}: {_first_line(error)}") from None
+
+
+def load_model(location: Location):
+    """The base model's weights, as the twin class its config names (strict: a missing or unexpected weight is an
+    error): `processing.load_model`."""
+    try:
+        return load_family_model(location.name, location.revision)
+    except hub_failure_types() as error:
+        raise ToolError(f"cannot load the model {location}: {_first_line(error)}") from None
+
+
+def load_adapter(base, location: Location):
+    """`base` with the adapter at `location` on top (a `PeftModel`, for inference)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, location.name, revision=location.revision)
+    except (ValueError, KeyError, *hub_failure_types()) as error:
+        raise ToolError(f"cannot load the adapter {location}: {_first_line(error)}") from None
+
