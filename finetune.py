@@ -45,7 +45,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +64,7 @@ from sam_split.tools.arguments import add_loader_arguments, add_model_arguments,
 from sam_split.tools.cli import Location, ToolError, locate, run_tool
 from sam_split.tools.compat import set_hub_timeout
 from sam_split.tools.data import add_data_arguments, data_options, open_source, scan
-from sam_split.tools.files import atomic_output_dir
+from sam_split.tools.files import atomic_output_dir, check_new_folder
 from sam_split.tools.hub import publish_folder
 from sam_split.tools.models import adapter_base, load_model, model_config, resolve_model
 from sam_split.tools.processing import model_family, model_processor
@@ -160,20 +159,22 @@ def keep_trainable_weights(models, weights, output_dir):
 
 
 def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int, run: dict):
+    """Save the run's state as CHECKPOINTS/step-N through the atomic writer, so a folder named step-N is always
+    complete (a full disk is one line and leaves none); the processes of a distributed run write into one build
+    folder (each saves its own RNG state), then the oldest checkpoints beyond `keep` go."""
     if not all_finite(trainable_state(model).values()):  # never a checkpoint that --resume would diverge from
         raise ToolError(f"trainable weights are not finite at step {step}; not saving a checkpoint")
     final = output_dir / CHECKPOINTS / f"step-{step:08d}"
-    partial = final.with_name(final.name + ".partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    shared = accelerator.wait_for_everyone if accelerator.num_processes > 1 else None
+    try:
+        with atomic_output_dir(final, existing="replace", prefix=f".{final.name}-", flag="checkpoint", shared=shared,
+                               main_process=accelerator.is_main_process) as build:
+            accelerator.save_state(str(build))
+            if accelerator.is_main_process:
+                (build / "run.json").write_text(json.dumps(run, indent=1))
+    except ToolError as error:  # e.g. a full disk: the run stops; say where it can go on from
+        raise ToolError(f"{error}; {resume_hint(output_dir)}") from None
     if accelerator.is_main_process:
-        (partial / "run.json").write_text(json.dumps(run, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)  # a folder named step-N is always complete
         for old in sorted((output_dir / CHECKPOINTS).glob("step-*[0-9]"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -459,21 +460,19 @@ def trackers(report_to: str) -> list:
 # -------------------------------------------------------------------------------------------------------- settings
 
 
-def check_output_dir(path: Path, resume: str | None) -> str | None:
-    """Why `path` cannot receive this run's outputs, or None: checked before anything slow, creating nothing (a
-    failed run leaves no empty folder behind)."""
-    if path.exists() and not path.is_dir():
-        return f"--output-dir {path} is a file, expected a folder"
-    if not resume and path.is_dir() and any(path.iterdir()):
-        return f"--output-dir {path} is not empty: pass --resume to continue its run, or use a new folder"
+def check_output_dir(path: Path, resume: str | None) -> None:
+    """A `ToolError` unless `path` can receive this run's outputs: a new folder, or with --resume a run's folder.
+    Checked before anything slow, creating nothing (a failed run leaves no empty folder behind)."""
+    if not resume:
+        try:
+            check_new_folder(path)
+        except ToolError as error:
+            if path.is_dir():  # not empty: it may be a run to continue
+                raise ToolError(f"{error}, or pass --resume to continue its run") from None
+            raise
+    check_new_folder(path, empty=False)
     if resume == "latest" and latest_checkpoint(path) is None:
-        return f"--resume: no checkpoint in {path / CHECKPOINTS}"
-    existing = next(folder for folder in (path, *path.absolute().parents) if folder.exists())
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as error:
-        return f"--output-dir {path} is not writable ({error.strerror or error})"
-    return None
+        raise ToolError(f"--resume: no checkpoint in {path / CHECKPOINTS}")
 
 
 def add_lora_arguments(parser) -> None:
@@ -552,8 +551,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_settings(args) -> str | None:
     """What is wrong with the settings as a whole (flags that need or exclude each other, names, the output
     folder), or None; fills in `target_modules` (a list), the `eval_every` default and `trackers`."""
-    if args.merge_to_sam and Path(args.merge_to_sam).exists():
-        return f"--merge-to-sam {args.merge_to_sam} already exists"
+    if args.merge_to_sam:
+        try:
+            check_new_folder(Path(args.merge_to_sam), flag="--merge-to-sam")
+        except ToolError as error:
+            return str(error)
     if args.push_to:
         from huggingface_hub import get_token
 
@@ -595,7 +597,11 @@ def check_settings(args) -> str | None:
         args.trackers = trackers(args.report_to)
     except ValueError as error:
         return str(error)
-    return check_output_dir(Path(args.output_dir), args.resume)
+    try:
+        check_output_dir(Path(args.output_dir), args.resume)
+    except ToolError as error:
+        return str(error)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------- steps
@@ -904,7 +910,8 @@ def train(session: Session, batches, recipe: Recipe, schedule: Schedule, validat
         progress.close()
         log(f"\ninterrupted at step {state.step}; {resume_hint(session.output_dir)}")
         raise
-    progress.close()
+    finally:
+        progress.close()  # before any error is printed
     if state.step > first_step:
         elapsed = time.perf_counter() - started
         log(f"{state.step - first_step} steps in {elapsed:.1f} s: {(state.step - first_step) / elapsed:.3f} steps/s, "

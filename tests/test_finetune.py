@@ -334,7 +334,7 @@ def test_bad_output_dir_or_lr_is_refused_before_anything_loads(tmp_path, capsys,
         finetune.parse_args(["--model", "no/such-model", "--train-data", "nowhere", "--output-dir", str(output),
                              "--max-steps", "1", *extra])
     assert raised.value.code == 2
-    expected = {"file": "is a file, expected a folder", "read-only": "is not writable",
+    expected = {"file": "exists and is not a folder; choose a new folder", "read-only": "is not writable",
                 "lr": "argument --lr: expected a finite number > 0 and <= 1, got '1e39'",
                 "nan-lr": "argument --lr: expected",
                 "wandb": "--report-to wandb needs the `wandb` package"}[case]
@@ -479,7 +479,7 @@ def test_two_ddp_processes_end_with_identical_weights(data, decoder_run, tmp_pat
                "--dynamo_backend", "no", str(ROOT / "finetune.py"),
                "--cpu", "--model", str(data["base"]), "--train-data", str(data["train"]), "--val-data",
                str(data["val"]), "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--train-decoder",
-               "--lr", "1e-2", *FAST]
+               "--lr", "1e-2", "--save-every", "1", "--keep-checkpoints", "1", *FAST]
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -487,6 +487,10 @@ def test_two_ddp_processes_end_with_identical_weights(data, decoder_run, tmp_pat
     assert len(digests) == 2 and digests[0] == digests[1]
     assert "2 process(es) x batch 4" in result.stdout
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] == ["mask_decoder"]
+    # Both processes saved into one checkpoint folder (each its RNG state); the older one and no build folder is left.
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-00000002"]
+    assert {"run.json", "random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoints.glob("*/*")}
     # gather_for_metrics: the 4 validation images once each, though the second process got only padding to score.
     validations = [e for e in metrics(tmp_path / "out") if "val_dice" in e]
     assert [e["val_classes"]["object"]["objects"] for e in validations] == [4, 4]
@@ -733,6 +737,36 @@ def test_training_image_deleted_mid_run_is_one_line_with_the_checkpoint(data, tm
                                         r"was deleted or replaced after the scan.*\); no checkpoint was saved"):
         finetune.main(["--model", str(data["base"]), "--train-data", str(train), "--output-dir",
                        str(tmp_path / "out"), "--max-steps", "2", *FAST])
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_leaves_no_partial_checkpoint(data, tmp_path,
+                                                                                          monkeypatch):
+    """The second checkpoint save fails as torch.save fails on a full disk (a RuntimeError that does not say so, a
+    part of the file written): one line naming the disk and the checkpoint to resume from, no step-2 folder and no
+    build folder left."""
+    from accelerate import Accelerator
+
+    real_save_state, saves = Accelerator.save_state, []
+
+    def save_state_on_a_full_disk(self, output_dir=None, **kwargs):
+        saves.append(output_dir)
+        if len(saves) < 2:
+            return real_save_state(self, output_dir, **kwargs)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 100)
+        monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096,) * 2 + (0,) * 8))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state_on_a_full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(ToolError) as raised:
+        run(data, out, "--max-steps", 3, "--save-every", 1)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert re.fullmatch(rf"writing {re.escape(str(out / 'checkpoints' / 'step-00000002'))} failed: no space left on "
+                        r"the device \(RuntimeError: .*unexpected pos 576 vs 534\); nothing was left half-written; "
+                        rf"the last checkpoint is {re.escape(str(out / 'checkpoints' / 'step-00000001'))}: run the "
+                        "same command with --resume to continue from it", message), message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
 
 
 def test_a_second_evaluate_into_the_same_output_dir_is_refused(data, tmp_path):

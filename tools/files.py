@@ -14,16 +14,23 @@ from .cli import ToolError
 # The file that marks a shared build folder as this tool's own: only a folder holding it is ever removed.
 BUILD_MARK = ".sam-split-build"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+MIB = 1 << 20
 
 
-def check_new_folder(path: Path, *, flag: str = "--output-dir") -> None:
-    """A `ToolError` unless `path` can become a new output folder: absent, or an empty folder. Run it before anything
-    slow; `atomic_output_dir` checks again at the end, since a user may put files there meanwhile."""
+def check_new_folder(path: Path, *, flag: str = "--output-dir", empty: bool = True) -> None:
+    """A `ToolError` unless `path` can become an output folder: absent or an empty folder, in a place this process may
+    write to. Creates nothing; run it before anything slow (`atomic_output_dir` checks again at the end, since a user
+    may put files there meanwhile). `empty=False`: an existing folder may hold files (a run that is resumed)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ToolError(f"{flag} {path} exists and is not a folder; choose a new folder")
-    if path.is_dir() and any(path.iterdir()):
+    if empty and path.is_dir() and any(path.iterdir()):
         raise ToolError(f"{flag} {path} exists and is not empty; choose a new folder")
+    existing = next(folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists())
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise ToolError(f"{flag} {path} is not writable ({error.strerror or error})") from None
 
 
 def _listing(target: Path) -> dict[str, tuple[int, int]] | None:
@@ -75,10 +82,11 @@ def atomic_output_dir(target: Path | None, *, existing: str = "refuse", last: st
     try:
         try:
             yield build
-        except OSError as error:
-            if error.errno in DISK_FULL:
-                raise ToolError(f"writing {target} failed: {error.strerror} ({error.filename or 'a file'}); nothing "
-                                "was left half-written") from error
+        except Exception as error:
+            if _disk_full(error, build):
+                reason = (f"{error.strerror} ({error.filename or 'a file'})" if isinstance(error, OSError)
+                          else f"no space left on the device ({type(error).__name__}: {str(error)[:200]})")
+                raise ToolError(f"writing {target} failed: {reason}; nothing was left half-written") from error
             raise
         if shared is not None:
             shared()  # every process has written its part
@@ -89,6 +97,20 @@ def atomic_output_dir(target: Path | None, *, existing: str = "refuse", last: st
     finally:  # (a build kept for the user after a refused move is no longer at `build`)
         if main_process and build.exists():
             shutil.rmtree(build, ignore_errors=True)
+
+
+def _disk_full(error: Exception, folder: Path) -> bool:
+    """Whether `error`, raised while writing into `folder`, is a full disk. Writers do not all say so: Python's own
+    I/O raises OSError(ENOSPC), safetensors a SafetensorError naming "os error 28", torch.save a RuntimeError
+    ("unexpected pos ..."); so besides the error number, a failed write on a file system with less than 1 MiB left
+    for this user counts as one."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in DISK_FULL
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < MIB
 
 
 def _make_build(target: Path, prefix: str, shared, main_process: bool) -> Path:
