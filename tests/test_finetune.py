@@ -529,6 +529,9 @@ shutil.copytree({str(data["base"])!r}, {str(tmp_path / "base-repo")!r})
 card = ModelCard(f"---\\n{{ModelCardData(license='mit', library_name='transformers').to_yaml()}}\\n---\\n# base\\n")
 card.save({str(tmp_path / "base-repo" / "README.md")!r})
 base_sha = api.upload_folder(repo_id="tester/sam-base", folder_path={str(tmp_path / "base-repo")!r}).oid
+# The adapter repo already holds files of an older upload: the publish must leave exactly the adapter's files.
+api.create_repo("tester/sam-adapter")
+api.upload_file(repo_id="tester/sam-adapter", path_or_fileobj=b"old", path_in_repo="old/adapter_model.bin")
 os.environ["HF_TOKEN"] = "a-refused-token"  # the push at the end fails; the trained adapter must survive it
 try:
     finetune.main(["--model", "tester/sam-base", "--base-revision", base_sha, "--train-data", {str(data["train"])!r},
@@ -558,8 +561,9 @@ print("LOCAL CONFIG", json.dumps(json.load(open(hf_hub_download("tester/local-ad
 print("LOCAL CARD", json.dumps(open(hf_hub_download("tester/local-adapter", "README.md")).read()))
 """
         printed = run_python(train, env, replace_env=True)
-        assert re.search(r"PUSH FAILED (error: )?upload to tester/sam-adapter at \S+ failed \(nothing was committed\): "
-                         r"HfHubHTTPError: .*401", printed)
+        failed = re.search(r"PUSH FAILED (error: )?upload to tester/sam-adapter at \S+ failed(.*)", printed)
+        assert failed and "HfHubHTTPError" in failed.group(2) and "401" in failed.group(2), printed[-3000:]
+        assert re.search("[Nn]othing was committed", failed.group(2)), failed.group(0)
         assert f"--output-dir {tmp_path / 'out'} --publish-only --push-to tester/sam-adapter" in printed
         base_sha = re.search(r"BASE ([0-9a-f]+)", printed).group(1)
         local_config = json.loads(re.search(r"LOCAL CONFIG (.*)", printed).group(1))
@@ -568,6 +572,10 @@ print("LOCAL CARD", json.dumps(open(hf_hub_download("tester/local-adapter", "REA
         assert "base_model: tester/sam-base" in local_card and str(tmp_path) not in local_card
         adapter_sha = re.search(r"pushed adapter to tester/sam-adapter at revision (\S+)", printed).group(1)
         assert re.fullmatch(r"[0-9a-f]{40}", adapter_sha) and adapter_sha != base_sha
+        # Only the adapter, its config and card: no checkpoints, metrics, overlays or run record, nothing older.
+        assert sorted(hub.git("tester/sam-adapter", "ls-tree", "-r", "--name-only", adapter_sha).split()) == [
+            ".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert {"metrics.jsonl", "run.json", "eval_results.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
 
         # A user with the Hub and the libraries only: no sam_split importable, a fresh cache, pinned revisions.
         load = f"""

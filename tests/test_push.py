@@ -529,3 +529,53 @@ def test_a_changed_shard_layout_loads_each_push_by_its_sha(hub, sources, tmp_pat
     for key, result in results.items():
         seed = pushes[int(key.split("/")[0].removeprefix("push"))][0]
         assert_matches(result, reference_outputs(sources[1][seed], inputs))
+
+
+@pytest.mark.parametrize("fault", ["500", "drop"])
+def test_a_lost_answer_to_the_commit_says_it_landed_and_a_retry_commits_nothing(hub, sources, tmp_path, fault):
+    """The Hub applies the commit, then its answer is lost (a 500, a dropped connection): push.py looks at the repo,
+    says that the commit landed and prints its sha (not "nothing was committed"); the same push again adds no commit."""
+    repo = f"tester/lost-answer-{fault}"
+    args = ["--source", str(sources[0] / "sam-0"), "--repo-id", repo]
+    hub.fail_next_commit(fault)
+    result = run_push(hub, tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sha = SHA.search(result.stdout).group(1)
+    assert "the Hub's answer to the commit was lost" in result.stdout
+    assert f"but the commit landed: {sha}" in result.stdout and "nothing was committed" not in result.stdout
+    assert hub.git(repo, "rev-parse", "main") == sha
+
+    again = run_push(hub, tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert SHA.search(again.stdout).group(1) == sha and "already holds exactly this folder" in again.stdout
+    assert hub.git(repo, "log", "--format=%s", "main").splitlines() == [
+        "Split q/k/v SAM converted from " + str(sources[0] / "sam-0"), "initial commit"]
+
+
+def test_a_killed_parent_takes_its_reload_child_with_it(tmp_path):
+    """SIGKILL leaves a process no chance to end its children: the reload child (push.py's verification) must end by
+    itself when its parent dies. Here the child blocks in its first Hub request (a loopback server that accepts and
+    never answers, with a 10-minute timeout); once it is blocked, its parent is killed, and the child's connection
+    must close (the child ended) within seconds."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(120)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        env = {**hub_env(url, tmp_path / "home", token=TOKEN), "HF_HUB_ETAG_TIMEOUT": "600",
+               "HF_HUB_DOWNLOAD_TIMEOUT": "600"}
+        parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import torch
+            from sam_split.tools.verify import reload_and_run
+            reload_and_run({{"model": ("tester/never-answered", None)}}, {{"pixel_values": torch.zeros(1)}},
+                           env={env!r})
+            """)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            connection, _ = server.accept()  # the child has started, set up its end, and asks the Hub
+        finally:
+            parent.kill()
+            _, stderr = parent.communicate(timeout=60)
+        with connection:
+            connection.settimeout(30)
+            with contextlib.suppress(ConnectionResetError):
+                while connection.recv(65536):  # the request, then b"" once the child's socket is closed
+                    pass
+    assert parent.returncode == -signal.SIGKILL, stderr[-3000:]
