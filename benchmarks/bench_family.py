@@ -114,11 +114,15 @@ def measure_gpu(size: str, repeats: int, device: str) -> dict:
         for batch in batches:
             pixels = torch.randn(batch, 3, size_hw, size_hw, device=device, dtype=dtype)
             case = results[f"encoder {str(dtype).removeprefix('torch.')} batch {batch}"] = {}
+            outputs = {}
             for variant, model in models.items():
                 encoder = copy.deepcopy(model.vision_encoder).to(device, dtype)
                 with torch.no_grad():
                     case[variant] = _gpu_time(lambda: encoder(pixels), repeats)  # noqa: B023 - called at once
+                    outputs[variant] = encoder(pixels)[0].float()
                 torch.cuda.empty_cache()
+            # the twin against stock on this device and dtype: the encoder's last hidden state
+            case["max_abs_diff"] = (outputs["twin"] - outputs["stock"]).abs().max().item()
     pixels = torch.randn(4, 3, size_hw, size_hw, device=device)
     case = results["LoRA step bf16 autocast batch 4"] = {}
     for variant, targets in (("stock", ["qkv"]), ("twin", ["q", "v"])):
@@ -137,14 +141,16 @@ def measure_gpu(size: str, repeats: int, device: str) -> dict:
 
 def main_gpu(sizes: list, repeats: int, device: str) -> dict:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    print(f"{'size':20} {'case':34} {'stock ms':>9} {'twin ms':>9} {'ratio':>6} {'stock GB':>9} {'twin GB':>8}")
+    print(f"{'size':20} {'case':34} {'stock ms':>9} {'twin ms':>9} {'ratio':>6} {'stock GB':>9} {'twin GB':>8} "
+          "max|twin-stock|")
     all_results = {}
     for size in sizes:
         all_results[size] = results = measure_gpu(size, repeats, device)
         for case, row in results.items():
             (stock_ms, stock_gb), (twin_ms, twin_gb) = row["stock"], row["twin"]
+            difference = f"{row['max_abs_diff']:.1e}" if "max_abs_diff" in row else ""
             print(f"{size:20} {case:34} {stock_ms:9.2f} {twin_ms:9.2f} {twin_ms / stock_ms:6.2f} {stock_gb:9.2f} "
-                  f"{twin_gb:8.2f}", flush=True)
+                  f"{twin_gb:8.2f} {difference}", flush=True)
     return all_results
 
 
