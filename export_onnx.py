@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Export a SamSplitModel (with a LoRA adapter merged in) to ONNX for onnxruntime and transformers.js, verified.
+"""Export a SamSplitModel or Sam2SplitModel (a LoRA adapter merged in) to ONNX for onnxruntime and transformers.js.
 
     python export_onnx.py --model ORG/sam-vit-base-split --revision BASE_SHA \\
         --adapter ORG/my-adapter --adapter-revision ADAPTER_SHA --output-dir sam-onnx [--dtype fp16] [--quantize]
 
-The output folder holds `onnx/vision_encoder.onnx` (pixel_values -> image_embeddings, image_positional_embeddings) and
-`onnx/prompt_encoder_mask_decoder.onnx` (image_embeddings, image_positional_embeddings, input_points, input_labels,
-input_boxes -> iou_scores, pred_masks), `_fp16` / `_quantized` variants on request, `config.json`,
+The output folder holds `onnx/vision_encoder.onnx` and `onnx/prompt_encoder_mask_decoder.onnx` in transformers.js'
+layout for the model (SAM: pixel_values -> image_embeddings, image_positional_embeddings; those, input_points,
+input_labels, input_boxes -> iou_scores, pred_masks. SAM 2: pixel_values -> image_embeddings.0/.1/.2; those,
+input_labels, input_points, input_boxes -> iou_scores, pred_masks, object_score_logits; see tools/onnx_export.py),
+`_fp16` / `_quantized` variants on request, `config.json`,
 `preprocessor_config.json` and a model card naming the base and adapter revisions. Before the folder appears,
 onnxruntime runs every graph on point and box prompts at batch 1 and 2 and must match the merged PyTorch model
 (fp32: --atol, default 1e-4); otherwise nothing is written. Needs the `onnx` extra: pip install -e ".[onnx]".
@@ -27,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="SamSplitModel: a local folder or a Hub id")
+    parser.add_argument("--model", required=True, help="SamSplitModel or Sam2SplitModel: a local folder or a Hub id")
     parser.add_argument("--revision", help="branch, tag or commit of a Hub --model")
     parser.add_argument("--adapter", help="PEFT LoRA adapter (folder or Hub id), merged into the model before export")
     parser.add_argument("--adapter-revision", help="branch, tag or commit of a Hub --adapter")
@@ -47,14 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_merged(model, adapter):
-    """The SamSplitModel at `model` (a `Location`) with the adapter at `adapter` merged in (PEFT merge_and_unload),
-    fp32, eval mode."""
-    from sam_split import SamSplitModel
+    """The split twin at `model` (a `Location`; the class its config names) with the adapter at `adapter` merged in
+    (PEFT merge_and_unload), fp32, eval mode."""
+    from sam_split.tools.models import load_model
 
     try:
-        base = SamSplitModel.from_pretrained(model.name, revision=model.revision)
+        base = load_model(model)
     except (OSError, ValueError) as error:
-        raise ToolError(f"--model {model}: cannot load it as a SamSplitModel: {str(error).splitlines()[0]}") from error
+        raise ToolError(f"--model {model}: cannot load it as a split-q/k/v model: {str(error).splitlines()[0]}"
+                        ) from error
     if adapter is None:
         return base.float().eval()
     try:
@@ -68,17 +71,16 @@ def load_merged(model, adapter):
     return tuned.merge_and_unload().float().eval()
 
 
-def preprocessor_config(model, image_size: int) -> dict:
-    """The model's own preprocessor_config.json where it has one, else SAM's standard one."""
+def preprocessor_config(model, config) -> dict:
+    """The model's own preprocessor_config.json where it has one, else its family's standard one."""
     import json
 
-    from sam_split.tools.compat import sam_preprocessor_config
+    from sam_split.tools.family import member_for_config
 
+    default = member_for_config(config).processor_config(config)
     if model.kind == "local":
         path = Path(model.name) / "preprocessor_config.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        return sam_preprocessor_config(image_size)
+        return json.loads(path.read_text()) if path.is_file() else default
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -86,17 +88,18 @@ def preprocessor_config(model, image_size: int) -> dict:
         path = hf_hub_download(model.name, "preprocessor_config.json", revision=model.revision)
         return json.loads(Path(path).read_text())
     except EntryNotFoundError:
-        return sam_preprocessor_config(image_size)
+        return default
 
 
-def model_card(model, adapter, differences: dict, files: list[str]) -> str:
+def model_card(model, adapter, differences: dict, files: list[str], prompts_note: str) -> str:
     def described(location):
         return (f"`{location.name}` (revision `{location.revision or 'main, unpinned'}`)"
                 if location.is_hub else f"the local folder `{Path(location.name).name}`")
 
     lines = [
         "---", "library_name: transformers.js", "pipeline_tag: mask-generation",
-        "tags: [sam, segment-anything, onnx]", "---", "", "# SAM, exported to ONNX", "",
+        "tags: [sam, segment-anything, onnx]", "---", "",
+        f"# {Path(model.name).name}, exported to ONNX", "",
         f"Base model: {described(model)}.",
         f"Adapter: {described(adapter)}, merged into the base (PEFT `merge_and_unload`) before export." if adapter
         else "Adapter: none.", "",
@@ -106,8 +109,7 @@ def model_card(model, adapter, differences: dict, files: list[str]) -> str:
     lines += [f"- {variant}: " + ", ".join(f"{name} {value:.1e}" for name, value in diffs.items())
               for variant, diffs in differences.items()]
     lines += ["", "Files:", ""] + [f"- `{name}`" for name in files]
-    lines += ["", "Every decoder input must be given: no box is `input_boxes` of -1s, no points are zero points "
-              "(`input_points` of shape (batch, point_batch, 0, 2)). See sam-split's README, section Deploy.", ""]
+    lines += ["", f"{prompts_note} See sam-split's README, section Deploy.", ""]
     return "\n".join(lines)
 
 
@@ -124,9 +126,10 @@ def export(args) -> None:
         model = load_merged(model_location, adapter_location)
         differences = onnx_export.export_model(model, folder, variants, atol=args.atol)
         files = sorted(str(path.relative_to(folder)) for path in (folder / "onnx").iterdir())
-        preprocessor = preprocessor_config(model_location, model.config.vision_config.image_size)
-        onnx_export.write_metadata(folder, model, preprocessor,
-                                   model_card(model_location, adapter_location, differences, files))
+        preprocessor = preprocessor_config(model_location, model.config)
+        card = model_card(model_location, adapter_location, differences, files,
+                          onnx_export.export_spec(model.config).prompts_note)
+        onnx_export.write_metadata(folder, model, preprocessor, card)
     step(f"Wrote {args.output_dir} in {time.monotonic() - started:.0f} s: " + ", ".join(files))
 
 

@@ -314,6 +314,8 @@ def push(args) -> None:
     with atomic_output_dir(args.output_dir) as folder:
         step(f"Loading the source checkpoint {args.source}")
         loaded = load_source(args.source, args.allow_pickle)
+        if args.onnx:  # a member without an ONNX layout fails now, not after conversion and verification
+            onnx_export.export_spec(loaded.model.config)
         step(f"Converting a stock {loaded.member.stock_class.__name__} to {loaded.member.twin.__name__}"
              + (f"; left out {describe_left_out(loaded.left_out)}" if loaded.left_out else ""))
         build(loaded, args.source, folder, args.repo_id or args.output_dir.name, args.max_shard_size,

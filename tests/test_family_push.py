@@ -62,11 +62,16 @@ def test_push_converts_each_family_checkpoint_and_the_build_loads_as_the_twin(ki
     stock = random_stock(stock_class, config())
     stock.save_pretrained(tmp_path / "stock")
     out = tmp_path / "out"
+    onnx = ["--onnx"] if kind == "sam2_video" else []  # SAM 2.1 as the Hub has it, with transformers.js' graphs
     result = subprocess.run([sys.executable, str(ROOT / "push.py"), "--source", str(tmp_path / "stock"),
-                             "--output-dir", str(out), "--no-push", "--atol", str(ATOL)],
+                             "--output-dir", str(out), "--no-push", "--atol", str(ATOL), *onnx],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"to {twin_name}" in result.stdout and "Verified against the source" in result.stdout
+    if onnx:  # verified in onnxruntime against the stock source (tests/test_onnx.py checks the graphs themselves)
+        assert sorted(path.name for path in (out / "onnx").iterdir()) == [
+            "prompt_encoder_mask_decoder.onnx", "vision_encoder.onnx"]
+        assert "Verifying the fp32 graphs in onnxruntime" in result.stdout
     assert ("video memory" in result.stdout) == (kind == "sam2_video")
     card = (out / "README.md").read_text()
     code = sorted(path.name for path in out.glob("*.py"))
@@ -115,3 +120,15 @@ def test_sam_tiny_is_small_and_runs():
     inputs = verification_inputs(stock.config)
     differences = max_differences(sam_outputs(twin, inputs), sam_outputs(stock, inputs))
     assert max(differences.values()) <= ATOL
+
+
+def test_onnx_for_a_member_without_an_onnx_layout_is_refused_before_conversion(tmp_path):
+    """SAM-HQ has no transformers.js layout: `--onnx` is one line, before the conversion and its verification."""
+    stock_class, config, *_ = SOURCES["sam_hq"]
+    random_stock(stock_class, config()).save_pretrained(tmp_path / "stock")
+    result = subprocess.run([sys.executable, str(ROOT / "push.py"), "--source", str(tmp_path / "stock"),
+                             "--output-dir", str(tmp_path / "out"), "--no-push", "--onnx"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no ONNX export for model_type 'sam_hq' yet")
+    assert "Converting" not in result.stdout and not (tmp_path / "out").exists()

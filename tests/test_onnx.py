@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sam_testing import add_lora, max_abs_diff, random_stock_sam, randomize_
+from sam_testing import add_lora, max_abs_diff, random_stock, random_stock_sam, randomize_, tiny_sam2_config
 
 from sam_split import SamSplitModel
 from sam_split.modeling_sam_split import SamSplitVisionAttention
@@ -214,40 +214,142 @@ def test_patched_decoder_prompts_are_exact_for_every_prompt_kind():
         assert max_abs_diff(pred_masks, expected["pred_masks"]) * 100 < max_abs_diff(pred_masks, other["pred_masks"])
 
 
-def test_transformers_js_loads_the_folder_and_segments(exported, tmp_path):
-    """transformers.js (Node, onnxruntime-node) loads the folder from disk with remote models disabled and segments
-    with a point prompt and a box prompt; its masks match PyTorch's."""
+def as_json(tensor) -> dict:
+    return {"type": "int64" if tensor.dtype == torch.int64 else "float32", "dims": list(tensor.shape),
+            "data": tensor.flatten().tolist()}
+
+
+def as_tensor(value: dict) -> torch.Tensor:
+    return torch.tensor(value["data"]).reshape(value["dims"])
+
+
+def run_transformers_js(folder: Path, pixel_values, prompts: dict, tmp_path: Path) -> dict:
+    """tests/js/segment.mjs on `folder`: {"embeddings": {name: tensor}, prompt name: {output name: tensor}}, after
+    checking that transformers.js is installed (CI installs it: there its absence is a failure, not a skip)."""
     if not (JS / "node_modules" / "@huggingface" / "transformers").is_dir() or shutil.which("node") is None:
         message = "transformers.js is not installed: run `npm ci --ignore-scripts` in tests/js (Node 18+)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    folder, merged, *_ = exported
-    size = merged.config.vision_config.image_size
-    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(9))
-    prompts = {"point": onnx_export.sam_prompts(merged.config, 1, "points"),
-               "box": onnx_export.sam_prompts(merged.config, 1, "box")}
-    def as_json(tensor):
-        return {"type": "int64" if tensor.dtype == torch.int64 else "float32",
-                "dims": list(tensor.shape), "data": tensor.flatten().tolist()}
-
     inputs = {"pixel_values": as_json(pixel_values),
-              "prompts": {name: {key: as_json(value) for key, value in onnx_export.sam_graph_prompts(prompt, 1).items()}
+              "prompts": {name: {key: as_json(value) for key, value in prompt.items()}
                           for name, prompt in prompts.items()}}
     (tmp_path / "inputs.json").write_text(json.dumps(inputs))
     result = subprocess.run(["node", str(JS / "segment.mjs"), str(folder), str(tmp_path / "inputs.json"),
                              str(tmp_path / "outputs.json")], capture_output=True, text=True, timeout=300, cwd=JS)
     assert result.returncode == 0, result.stderr[-3000:]
-    outputs = json.loads((tmp_path / "outputs.json").read_text())
-    def as_tensor(value):
-        return torch.tensor(value["data"]).reshape(value["dims"])
+    return {group: {name: as_tensor(value) for name, value in tensors.items()}
+            for group, tensors in json.loads((tmp_path / "outputs.json").read_text()).items()}
 
-    point_box_difference = max_abs_diff(as_tensor(outputs["point"]["pred_masks"]),
-                                        as_tensor(outputs["box"]["pred_masks"]))
+
+def test_transformers_js_loads_the_folder_and_segments(exported, tmp_path):
+    """transformers.js (Node, onnxruntime-node) loads the folder from disk with remote models disabled and segments
+    with a point prompt and a box prompt; its masks match PyTorch's."""
+    folder, merged, *_ = exported
+    size = merged.config.vision_config.image_size
+    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(9))
+    prompts = {"point": onnx_export.sam_prompts(merged.config, 1, "points"),
+               "box": onnx_export.sam_prompts(merged.config, 1, "box")}
+    outputs = run_transformers_js(folder, pixel_values, {name: onnx_export.sam_graph_prompts(prompt, 1)
+                                                         for name, prompt in prompts.items()}, tmp_path)
+    point_box_difference = max_abs_diff(outputs["point"]["pred_masks"], outputs["box"]["pred_masks"])
     for name, prompt in prompts.items():
         expected = reference(merged, pixel_values, prompt)
-        assert max_abs_diff(as_tensor(outputs[name]["pred_masks"]), expected["pred_masks"]) * 100 < point_box_difference
-        assert max_abs_diff(as_tensor(outputs["image_embeddings"]), expected["image_embeddings"]) <= 1e-4
+        assert max_abs_diff(outputs[name]["pred_masks"], expected["pred_masks"]) * 100 < point_box_difference
+        assert max_abs_diff(outputs["embeddings"]["image_embeddings"], expected["image_embeddings"]) <= 1e-4
         for output in ("iou_scores", "pred_masks"):
-            assert list(outputs[name][output]["dims"]) == list(expected[output].shape)
-            assert max_abs_diff(as_tensor(outputs[name][output]), expected[output]) <= 1e-4, (name, output)
+            assert list(outputs[name][output].shape) == list(expected[output].shape)
+            assert max_abs_diff(outputs[name][output], expected[output]) <= 1e-4, (name, output)
+
+
+# ----------------------------------------------------------------------------------------------------------- SAM 2
+
+
+@pytest.fixture(scope="module")
+def exported_sam2(tmp_path_factory):
+    """(output folder, merged Sam2SplitModel, stock Sam2Model with the merged weights): export_onnx.py's CLI on a tiny
+    SAM 2.1 twin (every Hiera block kind) with a non-zero LoRA adapter on q and v, fp32 only."""
+    from transformers import Sam2Model
+
+    from sam_split import Sam2SplitModel, export_onnx
+
+    tmp = tmp_path_factory.mktemp("onnx-sam2")
+    stock = randomize_(random_stock(Sam2Model, tiny_sam2_config()), std=STD)
+    Sam2SplitModel.from_stock(stock).save_pretrained(tmp / "base")
+    tuned = add_lora(Sam2SplitModel.from_pretrained(tmp / "base"), rank=4, seed=1)
+    tuned.save_pretrained(tmp / "adapter")
+    merged = tuned.merge_and_unload().eval()
+    assert export_onnx.main(["--model", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--output-dir",
+                             str(tmp / "out")]) == 0
+    return tmp / "out", merged, merged.to_stock().eval()
+
+
+def sam2_reference(model, pixel_values, prompts) -> dict:
+    with torch.no_grad():
+        embeddings = model.get_image_embeddings(pixel_values)
+        outputs = model(image_embeddings=embeddings, **prompts)
+    return {**dict(zip(onnx_export.SAM2_LEVELS, embeddings)), "iou_scores": outputs.iou_scores,
+            "pred_masks": outputs.pred_masks, "object_score_logits": outputs.object_score_logits}
+
+
+def test_sam2_folder_has_transformers_js_sam2_layout(exported_sam2):
+    folder, *_ = exported_sam2
+    import onnxruntime
+
+    assert {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()} == {
+        "onnx/vision_encoder.onnx", "onnx/prompt_encoder_mask_decoder.onnx", "config.json",
+        "preprocessor_config.json", "README.md"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "sam2" and config["architectures"] == ["Sam2Model"] and "auto_map" not in config
+    assert config["vision_config"]["num_feature_levels"] == 3  # transformers.js reads it to name the embeddings
+    encoder = onnxruntime.InferenceSession(str(folder / "onnx/vision_encoder.onnx"))
+    assert [o.name for o in encoder.get_outputs()] == ["image_embeddings.0", "image_embeddings.1", "image_embeddings.2"]
+    decoder = onnxruntime.InferenceSession(str(folder / "onnx/prompt_encoder_mask_decoder.onnx"))
+    assert sorted(i.name for i in decoder.get_inputs()) == sorted(
+        ["image_embeddings.0", "image_embeddings.1", "image_embeddings.2", "input_points", "input_labels",
+         "input_boxes"])
+    assert [o.name for o in decoder.get_outputs()] == ["iou_scores", "pred_masks", "object_score_logits"]
+
+
+@pytest.mark.parametrize("kind, batch_size", PROMPTS)
+def test_sam2_onnxruntime_matches_merged_and_stock_models(exported_sam2, kind, batch_size):
+    """The graphs fed as transformers.js feeds them (no box: boxes of shape (batch, 0, 4); no points: zero points)
+    match the merged twin and stock Sam2Model at 1e-4, far closer than another prompt's masks."""
+    folder, merged, stock = exported_sam2
+    size = merged.config.prompt_encoder_config.image_size
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(7))
+    prompts = onnx_export.sam_prompts(merged.config, batch_size, kind)
+    feeds = {"vision_encoder": {"pixel_values": pixel_values},
+             "prompt_encoder_mask_decoder": onnx_export.sam2_graph_prompts(prompts, batch_size)}
+    actual = onnx_export.run_graphs(folder / "onnx", onnx_export.SAM2_SPEC, feeds)
+    expected = sam2_reference(merged, pixel_values, prompts)
+    stock_outputs = sam2_reference(stock, pixel_values, prompts)
+    for name in expected:
+        assert actual[name].shape == expected[name].shape, name
+        assert max_abs_diff(actual[name], expected[name]) <= 1e-4, name
+        assert max_abs_diff(actual[name], stock_outputs[name]) <= 1e-4, name
+    # A random tiny SAM 2's masks depend little on the prompt (another prompt moves them by ~3e-4 of ~8, whatever the
+    # weights' scale), so the graphs must be 10x closer to this prompt's masks than another prompt's are.
+    other = sam2_reference(merged, pixel_values, other_prompts(merged.config, prompts, batch_size))
+    assert max_abs_diff(actual["pred_masks"], expected["pred_masks"]) * 10 < max_abs_diff(
+        expected["pred_masks"], other["pred_masks"])
+
+
+def test_sam2_transformers_js_loads_the_folder_and_segments(exported_sam2, tmp_path):
+    """transformers.js' Sam2Model loads the folder and segments from a point prompt and from a box prompt given alone
+    (it fills in the other decoder inputs itself), matching PyTorch."""
+    folder, merged, _ = exported_sam2
+    size = merged.config.prompt_encoder_config.image_size
+    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(9))
+    prompts = {"point": onnx_export.sam_prompts(merged.config, 1, "points"),
+               "box": onnx_export.sam_prompts(merged.config, 1, "box")}
+    outputs = run_transformers_js(folder, pixel_values, prompts, tmp_path)
+    point_box_difference = max_abs_diff(outputs["point"]["pred_masks"], outputs["box"]["pred_masks"])
+    for name, prompt in prompts.items():
+        expected = sam2_reference(merged, pixel_values, prompt)
+        for level in onnx_export.SAM2_LEVELS:
+            assert max_abs_diff(outputs["embeddings"][level], expected[level]) <= 1e-4, level
+        assert max_abs_diff(outputs[name]["pred_masks"], expected["pred_masks"]) * 10 < point_box_difference  # (above)
+        for output in ("iou_scores", "pred_masks", "object_score_logits"):
+            assert list(outputs[name][output].shape) == list(expected[output].shape), (name, output)
+            assert max_abs_diff(outputs[name][output], expected[output]) <= 1e-4, (name, output)

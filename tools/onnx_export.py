@@ -135,6 +135,9 @@ class ExportSpec:
 
     graphs: tuple[GraphSpec, ...]
     cases: Callable[[nn.Module], list]
+    model_type: str  # config.json's, as transformers.js picks the model class by it
+    architecture: str
+    prompts_note: str  # how to feed the decoder, for the model card
 
 
 def _sam_encoder_example(config) -> tuple:
@@ -155,7 +158,7 @@ def _sam_decoder_example(config) -> tuple:
 def sam_prompts(config, batch_size: int, kind: str) -> dict:
     """Fixed prompts for `batch_size` images: "points" (two points, one positive, one negative), "box" or both
     ("points+box", two prompts per image), as SamModel takes them (absent ones left out)."""
-    size = config.vision_config.image_size
+    size = config.prompt_encoder_config.image_size  # every member has it there
     point_batch = 2 if kind == "points+box" else 1
     generator = torch.Generator().manual_seed(batch_size)
     prompts = {}
@@ -214,9 +217,159 @@ SAM_SPEC = ExportSpec(
                   _sam_decoder_example, optimize=False),
     ),
     cases=_sam_cases,
+    model_type="sam",
+    architecture="SamModel",
+    prompts_note="Every decoder input must be given: no box is `input_boxes` of -1s, no points are zero points "
+                 "(`input_points` of shape (batch, point_batch, 0, 2)).",
 )
+# ---------------------------------------------------------------------------------------------- SAM 2's two graphs
+
+
+class Sam2VisionEncoderGraph(nn.Module):
+    """pixel_values -> image_embeddings.0, .1, .2: Sam2Model's three feature levels as its mask decoder reads them
+    (`get_image_embeddings`: the two high-resolution levels projected, the last with the no-memory embedding)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return tuple(self.model.get_image_embeddings(pixel_values))
+
+
+class Sam2PromptMaskDecoderGraph(nn.Module):
+    """image_embeddings.0/.1/.2, input_labels, input_points, input_boxes -> iou_scores, pred_masks,
+    object_score_logits, as Sam2Model computes them from those prompts.
+
+    transformers.js (`Sam2Model.forward`) feeds every input, filling what the app left out: points alone come with
+    `input_boxes` of shape (batch, 0, 4); a box alone with `input_points` (batch, 1, 0, 2) and `input_labels` (batch,
+    boxes, 0); both with as many boxes as point batches. So the prompt batch is the labels' second dimension (points
+    broadcast against them, as in `_embed_points`), and the box corners are gathered per prompt from the boxes plus
+    one stand-in row, which the prompts take when there is no box (its decode is then discarded). As for SAM, the
+    decoder runs with the box tokens and without them and the outputs are selected, with no control flow: points
+    alone are the points and Sam2's padding point, a box alone its two corners and its padding point, both the points
+    then the corners and the padding point. `input_labels` comes first so that the prompt batch is read from it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings_0, embeddings_1, embeddings_2, input_labels, input_points, input_boxes):
+        prompt_encoder = self.model.prompt_encoder
+        batch_size, prompt_batch = input_labels.shape[:2]
+        points = prompt_encoder._embed_points(input_points, input_labels, pad=False)  # (batch, prompts, N, hidden)
+        padding = prompt_encoder.not_a_point_embed.weight.to(points.dtype).expand(batch_size, prompt_batch, 1, -1)
+        stand_in = input_boxes.new_zeros(batch_size, 1, 4)  # the box of prompts without one
+        corners = prompt_encoder._embed_boxes(torch.cat([input_boxes, stand_in], dim=1))[:, :, :2]
+        box_count = torch.ones_like(input_boxes[0, :, 0], dtype=torch.int64).sum()  # 0 when there is no box
+        rows = torch.minimum(torch.arange(prompt_batch, device=input_labels.device), box_count)
+        corners = corners[:, rows]  # (batch, prompts, 2, hidden): the prompt's box, or the stand-in
+        pairs = batch_size * prompt_batch
+
+        def per_pair(tensor):  # each (image, prompt) pair decoded as an image of its own, as for SAM
+            return tensor[:, None].expand(-1, prompt_batch, *tensor.shape[1:]).flatten(0, 1)
+
+        positional = self.model.get_image_wide_positional_embeddings().expand(pairs, -1, -1, -1)
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            pairs, -1, *prompt_encoder.image_embedding_size
+        )
+        high_resolution = [per_pair(embeddings_0), per_pair(embeddings_1)]
+        outputs = [
+            self.model.mask_decoder(
+                image_embeddings=per_pair(embeddings_2), image_positional_embeddings=positional,
+                sparse_prompt_embeddings=torch.cat([points, *extra, padding], dim=2).flatten(0, 1)[:, None],
+                dense_prompt_embeddings=dense, multimask_output=True, high_resolution_features=high_resolution,
+            )
+            for extra in ((corners,), ())
+        ]
+        has_boxes = box_count > 0
+        results = []
+        for with_boxes, without in zip(*[(masks, iou, object_scores) for masks, iou, _, object_scores in outputs]):
+            selected = torch.where(has_boxes, with_boxes, without)
+            results.append(selected.reshape(batch_size, prompt_batch, *selected.shape[2:]))
+        pred_masks, iou_scores, object_score_logits = results
+        return iou_scores, pred_masks, object_score_logits
+
+
+SAM2_LEVELS = ("image_embeddings.0", "image_embeddings.1", "image_embeddings.2")
+
+
+def _sam2_encoder_example(config) -> tuple:
+    size = config.prompt_encoder_config.image_size
+    return (torch.randn(2, 3, size, size),)
+
+
+def _sam2_embedding_shapes(config) -> list:
+    """(channels, height, width) of each of the three feature levels."""
+    sizes = config.vision_config.backbone_feature_sizes
+    channels = (config.mask_decoder_config.hidden_size // 8, config.mask_decoder_config.hidden_size // 4,
+                config.vision_config.fpn_hidden_size)
+    return [(channel, *size) for channel, size in zip(channels, sizes)]
+
+
+def _sam2_decoder_example(config) -> tuple:
+    # batch 2, prompt batch 3, 4 points, 3 boxes: sizes >= 2, distinct where they may differ
+    embeddings = [torch.randn(2, *shape) for shape in _sam2_embedding_shapes(config)]
+    size = config.prompt_encoder_config.image_size
+    points = torch.rand(2, 3, 4, 2) * size
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 50.0]]).repeat(2, 3, 1)
+    return (*embeddings, torch.ones(2, 3, 4, dtype=torch.int64), points, boxes)
+
+
+def sam2_graph_prompts(prompts: dict, batch_size: int) -> dict:
+    """Sam2Model's prompts as transformers.js feeds the decoder graph: no box is (batch, 0, 4) boxes; no points is
+    (batch, 1, 0, 2) points with (batch, boxes, 0) labels; labels int64."""
+    if "input_points" not in prompts:
+        boxes = prompts["input_boxes"]
+        return {"input_labels": -torch.ones(batch_size, boxes.shape[1], 0, dtype=torch.int64),
+                "input_points": torch.zeros(batch_size, 1, 0, 2), "input_boxes": boxes}
+    return {"input_labels": prompts["input_labels"].long(), "input_points": prompts["input_points"],
+            "input_boxes": prompts.get("input_boxes", torch.zeros(batch_size, 0, 4))}
+
+
+def _sam2_cases(model) -> list:
+    """Point, box and point+box prompts on batches of 1 and 2 images, against Sam2Model.forward."""
+    config = model.config
+    size = config.prompt_encoder_config.image_size
+    cases = []
+    for batch_size, kind in ((1, "points"), (1, "box"), (2, "points+box"), (2, "points")):
+        pixel_values = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(batch_size))
+        prompts = sam_prompts(config, batch_size, kind)
+        with torch.no_grad():
+            embeddings = model.get_image_embeddings(pixel_values)
+            outputs = model(image_embeddings=embeddings, **prompts)
+        expected = {**dict(zip(SAM2_LEVELS, embeddings)), "iou_scores": outputs.iou_scores,
+                    "pred_masks": outputs.pred_masks, "object_score_logits": outputs.object_score_logits}
+        feeds = {"vision_encoder": {"pixel_values": pixel_values},
+                 "prompt_encoder_mask_decoder": sam2_graph_prompts(prompts, batch_size)}
+        cases.append((f"{kind}, batch {batch_size}", feeds, expected))
+    return cases
+
+
+SAM2_SPEC = ExportSpec(
+    graphs=(
+        GraphSpec("vision_encoder", Sam2VisionEncoderGraph, ("pixel_values",), SAM2_LEVELS,
+                  {"pixel_values": {0: "batch_size"}}, _sam2_encoder_example),
+        GraphSpec("prompt_encoder_mask_decoder", Sam2PromptMaskDecoderGraph,
+                  (*SAM2_LEVELS, "input_labels", "input_points", "input_boxes"),
+                  ("iou_scores", "pred_masks", "object_score_logits"),
+                  {**{level: {0: "batch_size"} for level in SAM2_LEVELS},
+                   "input_labels": {0: "batch_size", 1: "prompt_batch_size", 2: "num_points"},
+                   "input_points": {0: "batch_size", 1: "prompt_batch_size", 2: "num_points"},
+                   "input_boxes": {0: "batch_size", 1: "num_boxes"}},
+                  _sam2_decoder_example, optimize=False),
+    ),
+    cases=_sam2_cases,
+    model_type="sam2",
+    architecture="Sam2Model",
+    prompts_note="transformers.js' Sam2Model fills in the decoder inputs a prompt leaves out: no box is `input_boxes` "
+                 "of shape (batch, 0, 4), no points are `input_points` (batch, 1, 0, 2) with `input_labels` (batch, "
+                 "boxes, 0).",
+)
+
+
 # model_type -> its export; a family member registers its own beside SAM's.
-EXPORT_SPECS = {"sam_split": SAM_SPEC, "sam": SAM_SPEC}
+EXPORT_SPECS = {"sam_split": SAM_SPEC, "sam": SAM_SPEC, "sam2_split": SAM2_SPEC, "sam2": SAM2_SPEC}
 
 
 def export_spec(config) -> ExportSpec:
@@ -238,11 +391,11 @@ def export_graph(model, graph: GraphSpec, path: Path, external_data_bytes: int =
     module = graph.module(model).eval()
     example = graph.example_inputs(model.config)
     dims = {}  # one torch.export.Dim per dimension name, shared by the inputs that name it
-    dynamic_shapes = {
-        name: {axis: dims.setdefault(label, torch.export.Dim(label))
-               for axis, label in graph.dynamic_axes.get(name, {}).items()} or None
+    dynamic_shapes = tuple(  # in the order of the inputs: ONNX names need not be Python names ("image_embeddings.0")
+        {axis: dims.setdefault(label, torch.export.Dim(label))
+         for axis, label in graph.dynamic_axes.get(name, {}).items()} or None
         for name in graph.input_names
-    }
+    )
     with torch.no_grad():
         program = torch.onnx.export(
             module, example, input_names=list(graph.input_names), output_names=list(graph.output_names),
@@ -359,10 +512,11 @@ def _size_mb(onnx_dir: Path, stem: str) -> float:
 
 
 def write_metadata(folder: Path, model, preprocessor_config: dict, card: str) -> None:
-    """config.json (model_type "sam", what transformers.js reads), preprocessor_config.json and README.md."""
+    """config.json (the stock model_type, what transformers.js reads), preprocessor_config.json and README.md."""
+    spec = export_spec(model.config)
     config = model.config.to_dict()
     config.pop("auto_map", None)
-    config.update(model_type="sam", architectures=["SamModel"])
+    config.update(model_type=spec.model_type, architectures=[spec.architecture])
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2) + "\n")
     (folder / "README.md").write_text(card)

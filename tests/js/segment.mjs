@@ -1,11 +1,13 @@
-// Load an exported sam-split ONNX folder from disk with transformers.js (remote models disabled) and segment.
+// Load an exported sam-split ONNX folder (SAM or SAM 2) from disk with transformers.js (remote models disabled) and
+// segment, as an app would.
 //   node segment.mjs MODEL_FOLDER INPUTS.json OUTPUTS.json
 // INPUTS.json: {"pixel_values": TENSOR, "prompts": {NAME: {"input_points": TENSOR, ...}}}, a TENSOR being
-// {"type": "float32" | "int64", "dims": [...], "data": [...]}. OUTPUTS.json: {NAME: {"iou_scores": TENSOR,
-// "pred_masks": TENSOR}}, and the image embeddings under "image_embeddings".
+// {"type": "float32" | "int64", "dims": [...], "data": [...]}; a prompt holds only what the app gives (transformers.js
+// fills in what the decoder graph needs besides). OUTPUTS.json: {"embeddings": {NAME: TENSOR}, NAME: {"iou_scores":
+// TENSOR, "pred_masks": TENSOR[, "object_score_logits": TENSOR]}}.
 import fs from 'node:fs';
 import path from 'node:path';
-import { SamModel, Tensor, env } from '@huggingface/transformers';
+import { Sam2Model, SamModel, Tensor, env } from '@huggingface/transformers';
 
 const [folder, inputsPath, outputsPath] = process.argv.slice(2);
 env.allowRemoteModels = false;
@@ -15,15 +17,19 @@ env.localModelPath = path.dirname(path.resolve(folder)) + path.sep;
 const toTensor = ({ type, dims, data }) =>
     new Tensor(type, type === 'int64' ? BigInt64Array.from(data, BigInt) : Float32Array.from(data), dims);
 const fromTensor = (tensor) => ({ type: tensor.type, dims: tensor.dims, data: Array.from(tensor.data, Number) });
+const fromTensors = (tensors) =>
+    Object.fromEntries(Object.entries(tensors).filter(([, value]) => value instanceof Tensor)
+        .map(([name, value]) => [name, fromTensor(value)]));
 
-const model = await SamModel.from_pretrained(path.basename(path.resolve(folder)), { dtype: 'fp32', device: 'cpu' });
+const { model_type } = JSON.parse(fs.readFileSync(path.join(folder, 'config.json'), 'utf8'));
+const ModelClass = { sam: SamModel, sam2: Sam2Model }[model_type];
+const model = await ModelClass.from_pretrained(path.basename(path.resolve(folder)), { dtype: 'fp32', device: 'cpu' });
 const inputs = JSON.parse(fs.readFileSync(inputsPath, 'utf8'));
-// The image is encoded once; every prompt is decoded against that embedding, as an app would.
+// The image is encoded once; every prompt is decoded against that embedding.
 const embeddings = await model.get_image_embeddings({ pixel_values: toTensor(inputs.pixel_values) });
-const outputs = { image_embeddings: fromTensor(embeddings.image_embeddings) };
+const outputs = { embeddings: fromTensors(embeddings) };
 for (const [name, prompt] of Object.entries(inputs.prompts)) {
     const prompts = Object.fromEntries(Object.entries(prompt).map(([key, value]) => [key, toTensor(value)]));
-    const result = await model({ ...embeddings, ...prompts });
-    outputs[name] = { iou_scores: fromTensor(result.iou_scores), pred_masks: fromTensor(result.pred_masks) };
+    outputs[name] = fromTensors(await model({ ...embeddings, ...prompts }));
 }
 fs.writeFileSync(outputsPath, JSON.stringify(outputs));
