@@ -12,8 +12,11 @@ Every input must be fed (transformers.js and onnxruntime refuse a declared input
 point_batch_size, 0, 2) and `input_labels` (batch_size, point_batch_size, 0): the graph then computes exactly what
 SamModel computes without them (`sam_graph_prompts`).
 
-A member of the family (SAM 2, SAM-HQ) adds its own `ExportSpec` to `EXPORT_SPECS` under its `model_type`: its graph
-wrappers, names, dynamic dimensions and verification cases.
+SAM 2's spec (`SAM2_SPEC`) follows transformers.js' SAM 2 model: `vision_encoder` gives `image_embeddings.0/.1/.2`,
+and `prompt_encoder_mask_decoder` takes them with `input_labels`, `input_points`, `input_boxes` in the shapes
+transformers.js fills in (`Sam2PromptMaskDecoderGraph`) and adds `object_score_logits`. A member of the family adds
+its own `ExportSpec` to `EXPORT_SPECS` under its `model_type`: its graph wrappers, names, dynamic dimensions,
+verification cases and the config.json type transformers.js reads. SAM-HQ has none (transformers.js has no SAM-HQ).
 
 onnx, onnxscript and onnxruntime are the `onnx` extra, imported here only when an export runs (`require_onnx`).
 """
