@@ -130,14 +130,19 @@ class GraphSpec:
     optimize: bool = True  # run onnxscript's graph optimizer (onnxruntime optimizes again when it loads a graph)
 
 
+# The verification cases of every export: (images, prompt kind), see `sam_prompts`.
+VERIFICATION_CASES = ((1, "points"), (1, "box"), (2, "points+box"), (2, "points"))
+
+
 @dataclass(frozen=True)
 class ExportSpec:
-    """A model family's export: its graphs, in the order they run, and `cases(model)`, the verification cases: a list
-    of (description, {graph name: {input name: tensor}}, {output name: expected tensor}). Graphs after the first take
-    the outputs of earlier ones where they share names."""
+    """A model family's export: its graphs, in the order they run (graphs after the first take the outputs of earlier
+    ones where they share names); `reference(model, pixel_values, prompts)`, the outputs the graphs must give, by
+    name; `graph_prompts(prompts, batch_size)`, the model's prompts as the decoder graph takes them."""
 
     graphs: tuple[GraphSpec, ...]
-    cases: Callable[[nn.Module], list]
+    reference: Callable[[nn.Module, torch.Tensor, dict], dict]
+    graph_prompts: Callable[[dict, int], dict]
     model_type: str  # config.json's, as transformers.js picks the model class by it
     architecture: str
     prompts_note: str  # how to feed the decoder, for the model card
@@ -185,22 +190,12 @@ def sam_graph_prompts(prompts: dict, batch_size: int) -> dict:
     }
 
 
-def _sam_cases(model) -> list:
-    """Point, box and point+box prompts on batches of 1 and 2 images, against the PyTorch model (SamModel.forward)."""
-    config = model.config
-    size = config.vision_config.image_size
-    cases = []
-    for batch_size, kind in ((1, "points"), (1, "box"), (2, "points+box"), (2, "points")):
-        pixel_values = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(batch_size))
-        prompts = sam_prompts(config, batch_size, kind)
-        with torch.no_grad():
-            embeddings = model.vision_encoder(pixel_values)[0]
-            outputs = model(image_embeddings=embeddings, **prompts)
-        expected = {"image_embeddings": embeddings, "iou_scores": outputs.iou_scores, "pred_masks": outputs.pred_masks}
-        feeds = {"vision_encoder": {"pixel_values": pixel_values},
-                 "prompt_encoder_mask_decoder": sam_graph_prompts(prompts, batch_size)}
-        cases.append((f"{kind}, batch {batch_size}", feeds, expected))
-    return cases
+def sam_reference(model, pixel_values, prompts: dict) -> dict:
+    """What the graphs must output: SamModel's image embeddings, and its masks and IoU scores for `prompts`."""
+    with torch.no_grad():
+        embeddings = model.vision_encoder(pixel_values)[0]
+        outputs = model(image_embeddings=embeddings, **prompts)
+    return {"image_embeddings": embeddings, "iou_scores": outputs.iou_scores, "pred_masks": outputs.pred_masks}
 
 
 SAM_SPEC = ExportSpec(
@@ -219,7 +214,8 @@ SAM_SPEC = ExportSpec(
                   # onnxscript 0.7.2) and onnxruntime applies its own optimizations anyway
                   _sam_decoder_example, optimize=False),
     ),
-    cases=_sam_cases,
+    reference=sam_reference,
+    graph_prompts=sam_graph_prompts,
     model_type="sam",
     architecture="SamModel",
     prompts_note="Every decoder input must be given: no box is `input_boxes` of -1s, no points are zero points "
@@ -330,23 +326,13 @@ def sam2_graph_prompts(prompts: dict, batch_size: int) -> dict:
             "input_boxes": prompts.get("input_boxes", torch.zeros(batch_size, 0, 4))}
 
 
-def _sam2_cases(model) -> list:
-    """Point, box and point+box prompts on batches of 1 and 2 images, against Sam2Model.forward."""
-    config = model.config
-    size = config.prompt_encoder_config.image_size
-    cases = []
-    for batch_size, kind in ((1, "points"), (1, "box"), (2, "points+box"), (2, "points")):
-        pixel_values = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(batch_size))
-        prompts = sam_prompts(config, batch_size, kind)
-        with torch.no_grad():
-            embeddings = model.get_image_embeddings(pixel_values)
-            outputs = model(image_embeddings=embeddings, **prompts)
-        expected = {**dict(zip(SAM2_LEVELS, embeddings)), "iou_scores": outputs.iou_scores,
-                    "pred_masks": outputs.pred_masks, "object_score_logits": outputs.object_score_logits}
-        feeds = {"vision_encoder": {"pixel_values": pixel_values},
-                 "prompt_encoder_mask_decoder": sam2_graph_prompts(prompts, batch_size)}
-        cases.append((f"{kind}, batch {batch_size}", feeds, expected))
-    return cases
+def sam2_reference(model, pixel_values, prompts: dict) -> dict:
+    """What the graphs must output: Sam2Model's three feature levels, and its masks, IoU and object scores."""
+    with torch.no_grad():
+        embeddings = model.get_image_embeddings(pixel_values)
+        outputs = model(image_embeddings=embeddings, **prompts)
+    return {**dict(zip(SAM2_LEVELS, embeddings)), "iou_scores": outputs.iou_scores, "pred_masks": outputs.pred_masks,
+            "object_score_logits": outputs.object_score_logits}
 
 
 SAM2_SPEC = ExportSpec(
@@ -362,7 +348,8 @@ SAM2_SPEC = ExportSpec(
                    "input_boxes": {0: "batch_size", 1: "num_boxes"}},
                   _sam2_decoder_example, optimize=False),
     ),
-    cases=_sam2_cases,
+    reference=sam2_reference,
+    graph_prompts=sam2_graph_prompts,
     model_type="sam2",
     architecture="Sam2Model",
     prompts_note="transformers.js' Sam2Model fills in the decoder inputs a prompt leaves out: no box is `input_boxes` "
@@ -463,7 +450,14 @@ def verify(onnx_dir: Path, spec: ExportSpec, model, variant: str = "fp32", atol:
     max abs difference over the cases}; raises `ToolError` when one exceeds `atol` (default `TOLERANCES[variant]`)."""
     atol = TOLERANCES[variant] if atol is None else atol
     worst: dict[str, float] = {}
-    for description, feeds, expected in spec.cases(model):
+    size = model.config.prompt_encoder_config.image_size
+    for batch_size, kind in VERIFICATION_CASES:
+        description = f"{kind}, batch {batch_size}"
+        pixel_values = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(batch_size))
+        prompts = sam_prompts(model.config, batch_size, kind)
+        expected = spec.reference(model, pixel_values, prompts)
+        feeds = {spec.graphs[0].name: {"pixel_values": pixel_values},
+                 spec.graphs[1].name: spec.graph_prompts(prompts, batch_size)}
         actual = run_graphs(onnx_dir, spec, feeds, VARIANT_SUFFIX[variant])
         for name, tensor in expected.items():
             difference = (float("inf") if actual[name].shape != tensor.shape
