@@ -370,11 +370,13 @@ def unanswering_hub(upstream: str | None = None, silent_from: bytes = b""):
             open_socket.close()
 
 
-def assert_clean_failure(result, tmp_path, *expected):
-    """Exit status 1, one `error:` line naming the reason, no traceback, no folder left behind."""
-    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+def assert_clean_failure(result, tmp_path, *expected, status=1):
+    """Exit `status` (1; 2 for an argument refused at parse time), one error line naming the reason, no traceback, no
+    folder left behind."""
+    assert result.returncode == status, (result.returncode, result.stderr[-3000:])
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    prefix = "error: " if status == 1 else "push.py: error: "
+    errors = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
     assert len(errors) == 1 and all(text in errors[0] for text in expected), result.stderr[-3000:]
     assert not list(tmp_path.rglob(".sam-split-build-*")) and not (tmp_path / "out").exists()
 
@@ -451,14 +453,14 @@ def test_failures_exit_with_one_clear_message(hub, sources, tmp_path, case):
     elif case == "mis-shaped weights":
         misshape_weights(source)
     else:
-        output_dir = Path("/proc/sam-split-out")  # a folder no one may write in, root included
-        expected = "cannot write beside /proc/sam-split-out"
+        output_dir = Path("/proc/sam-split-out")  # a folder no one may write in, root included: refused at parse time
+        expected = "--output-dir /proc/sam-split-out is not writable: cannot create a file in /proc"
     result = subprocess.run(
         [sys.executable, str(ROOT / "push.py"), "--source", str(source), "--repo-id", "tester/failures",
          "--output-dir", str(output_dir)],
         env=hub_env(url, tmp_path / "home", token=TOKEN), capture_output=True, text=True, timeout=600,
     )
-    assert_clean_failure(result, tmp_path, expected)
+    assert_clean_failure(result, tmp_path, expected, status=2 if case == "read-only output parent" else 1)
     assert not repo_exists(hub, "tester/failures")
 
 

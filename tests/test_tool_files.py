@@ -56,8 +56,14 @@ def test_unwritable_places_are_clear_errors(tmp_path):
     with pytest.raises(ToolError, match="exists and is not a folder"):
         with atomic_output_dir(tmp_path / "file"):
             pass
-    with pytest.raises(ToolError, match="cannot write beside /proc/sam-split-out"):  # root may not write there either
+    # /proc: root may not write there either. A new folder is checked before the block runs; a folder to replace
+    # fails where the build folder is made.
+    with pytest.raises(ToolError, match="--output-dir /proc/sam-split-out is not writable: cannot create a file in "
+                                        "/proc "):
         with atomic_output_dir(Path("/proc/sam-split-out")):
+            pass
+    with pytest.raises(ToolError, match="cannot write beside /proc/sam-split-out"):
+        with atomic_output_dir(Path("/proc/sam-split-out"), existing="replace"):
             pass
 
 

@@ -30,7 +30,8 @@ def check_new_folder(path: Path, *, flag: str = "--output-dir", empty: bool = Tr
     try:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as error:
-        raise ToolError(f"{flag} {path} is not writable ({error.strerror or error})") from None
+        raise ToolError(f"{flag} {path} is not writable: cannot create a file in {existing} "
+                        f"({error.strerror or error})") from None
 
 
 def _listing(target: Path) -> dict[str, tuple[int, int]] | None:
