@@ -1009,6 +1009,10 @@ def main(argv=None) -> PeftModel:
     if accelerator.is_main_process:
         publish(model, output_dir, settings.push_to, settings.merge_to_sam, f"LoRA adapter after {state.step} steps")
     accelerator.wait_for_everyone()
+    # The DDP wrapper, its optimizer and data loader go while the process group still exists: destroyed after it (when
+    # this frame ends), the wrapper's destructor once blocked the process at exit in a 2-process CPU run.
+    del session, optimizer, batches
+    accelerator.free_memory()
     accelerator.end_training()
     return model
 
