@@ -463,14 +463,12 @@ def trackers(report_to: str) -> list:
 def check_output_dir(path: Path, resume: str | None) -> None:
     """A `ToolError` unless `path` can receive this run's outputs: a new folder, or with --resume a run's folder.
     Checked before anything slow, creating nothing (a failed run leaves no empty folder behind)."""
-    if not resume:
-        try:
-            check_new_folder(path)
-        except ToolError as error:
-            if path.is_dir():  # not empty: it may be a run to continue
-                raise ToolError(f"{error}, or pass --resume to continue its run") from None
-            raise
-    check_new_folder(path, empty=False)
+    try:
+        check_new_folder(path, empty=not resume)
+    except ToolError as error:
+        if not resume and path.is_dir() and any(path.iterdir()):  # it may be a run to continue
+            raise ToolError(f"{error}, or pass --resume to continue its run") from None
+        raise
     if resume == "latest" and latest_checkpoint(path) is None:
         raise ToolError(f"--resume: no checkpoint in {path / CHECKPOINTS}")
 

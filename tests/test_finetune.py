@@ -314,7 +314,7 @@ def test_best_checkpoint_is_the_saved_adapter_and_early_stop(data, tmp_path, mon
     assert json.loads((out / "eval_results.json").read_text())["fine_tuned"]["step"] == 2
 
 
-@pytest.mark.parametrize("case", ["file", "read-only", "lr", "nan-lr", "wandb"])
+@pytest.mark.parametrize("case", ["file", "not-empty", "read-only", "lr", "nan-lr", "wandb"])
 def test_bad_output_dir_or_lr_is_refused_before_anything_loads(tmp_path, capsys, case):
     output = tmp_path / "out"
     extra = []
@@ -326,6 +326,9 @@ def test_bad_output_dir_or_lr_is_refused_before_anything_loads(tmp_path, capsys,
         extra = ["--report-to", "wandb"]
     elif case == "file":
         output.write_text("not a folder")
+    elif case == "not-empty":
+        output.mkdir()
+        (output / "notes.txt").write_text("the user's")
     elif case == "read-only":
         output = Path("/sys/sam-split-test-output")  # a read-only file system, even for root
     elif case in ("lr", "nan-lr"):
@@ -334,7 +337,9 @@ def test_bad_output_dir_or_lr_is_refused_before_anything_loads(tmp_path, capsys,
         finetune.parse_args(["--model", "no/such-model", "--train-data", "nowhere", "--output-dir", str(output),
                              "--max-steps", "1", *extra])
     assert raised.value.code == 2
-    expected = {"file": "exists and is not a folder; choose a new folder", "read-only": "is not writable",
+    expected = {"file": "exists and is not a folder; choose a new folder",
+                "not-empty": "exists and is not empty; choose a new folder, or pass --resume to continue its run",
+                "read-only": "is not writable",
                 "lr": "argument --lr: expected a finite number > 0 and <= 1, got '1e39'",
                 "nan-lr": "argument --lr: expected",
                 "wandb": "--report-to wandb needs the `wandb` package"}[case]
