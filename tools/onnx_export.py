@@ -148,9 +148,10 @@ class ExportSpec:
     prompts_note: str  # how to feed the decoder, for the model card
 
 
-def _sam_encoder_example(config) -> tuple:
-    size = config.vision_config.image_size
-    return (torch.randn(2, config.vision_config.num_channels, size, size),)
+def _encoder_example(config) -> tuple:
+    """Two RGB images at the model's input size (every member has it in its prompt encoder's config)."""
+    size = config.prompt_encoder_config.image_size
+    return (torch.randn(2, 3, size, size),)
 
 
 def _sam_decoder_example(config) -> tuple:
@@ -202,7 +203,7 @@ SAM_SPEC = ExportSpec(
     graphs=(
         GraphSpec("vision_encoder", SamVisionEncoderGraph, ("pixel_values",),
                   ("image_embeddings", "image_positional_embeddings"), {"pixel_values": {0: "batch_size"}},
-                  _sam_encoder_example),
+                  _encoder_example),
         GraphSpec("prompt_encoder_mask_decoder", SamPromptMaskDecoderGraph,
                   ("image_embeddings", "image_positional_embeddings", "input_points", "input_labels", "input_boxes"),
                   ("iou_scores", "pred_masks"),
@@ -293,11 +294,6 @@ class Sam2PromptMaskDecoderGraph(nn.Module):
 SAM2_LEVELS = ("image_embeddings.0", "image_embeddings.1", "image_embeddings.2")
 
 
-def _sam2_encoder_example(config) -> tuple:
-    size = config.prompt_encoder_config.image_size
-    return (torch.randn(2, 3, size, size),)
-
-
 def _sam2_embedding_shapes(config) -> list:
     """(channels, height, width) of each of the three feature levels."""
     sizes = config.vision_config.backbone_feature_sizes
@@ -338,7 +334,7 @@ def sam2_reference(model, pixel_values, prompts: dict) -> dict:
 SAM2_SPEC = ExportSpec(
     graphs=(
         GraphSpec("vision_encoder", Sam2VisionEncoderGraph, ("pixel_values",), SAM2_LEVELS,
-                  {"pixel_values": {0: "batch_size"}}, _sam2_encoder_example),
+                  {"pixel_values": {0: "batch_size"}}, _encoder_example),
         GraphSpec("prompt_encoder_mask_decoder", Sam2PromptMaskDecoderGraph,
                   (*SAM2_LEVELS, "input_labels", "input_points", "input_boxes"),
                   ("iou_scores", "pred_masks", "object_score_logits"),
