@@ -74,6 +74,7 @@ def test_save_pretrained_writes_split_weights_code_and_local_auto_map(stock_fold
     assert_same_state(reloaded.state_dict(), SamSplitModel.from_sam(stock_folder).state_dict())
 
 
+@pytest.mark.slow
 def test_auto_classes_load_remote_code_in_a_fresh_process(stock_folder, split_folder, tmp_path):
     """stock -> from_sam -> save -> AutoModel(trust_remote_code) in a new process with an empty HF_HOME (so an empty
     modules cache, and no import of this package) -> to_sam -> back here: all equal."""

@@ -500,6 +500,7 @@ def push_shapes_twice(repo_id: str, folder: Path) -> list:
     return shas
 
 
+@pytest.mark.slow
 def test_hub_dataset_id_pinned_to_a_revision(tmp_path):
     """A dataset pushed to the local Hub server twice, read by id at the first commit's sha."""
     from hub_server import HubServer

@@ -315,6 +315,7 @@ def test_sam2_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_remote_code_loads_each_twin_in_a_fresh_process(family_folders, tmp_path):
     name, _, folder = family_folders
     out = run_python(

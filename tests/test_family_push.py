@@ -56,6 +56,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(SOURCES))
 def test_push_converts_each_family_checkpoint_and_the_build_loads_as_the_twin(kind, tmp_path):
     stock_class, config, twin_name, pattern = SOURCES[kind]
@@ -122,6 +123,7 @@ def test_sam_tiny_is_small_and_runs():
     assert max(differences.values()) <= ATOL
 
 
+@pytest.mark.slow
 def test_onnx_for_a_member_without_an_onnx_layout_is_refused_before_conversion(tmp_path):
     """SAM-HQ has no transformers.js layout: `--onnx` is one line, before the conversion and its verification."""
     stock_class, config, *_ = SOURCES["sam_hq"]

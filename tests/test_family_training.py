@@ -198,6 +198,7 @@ def objects(tmp_path_factory):
     return write_objects(tmp_path_factory.mktemp("family-objects"), {"a": 3, "b": 1})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, hq_token_only", [("sam_hq", True), ("sam_hq", False), ("sam2", False)])
 def test_losses_gradients_and_scores_of_several_objects_are_those_of_each_alone(objects, family, hq_token_only):
     model = random_stock(family)
@@ -267,6 +268,7 @@ def shapes(tmp_path_factory):
             "val": write_shapes(root / "val", 4, seed=1)}
 
 
+@pytest.mark.slow
 @needs_twins
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fine_tuning_learns_and_evaluate_scores_it_as_validation_did(shapes, family, tmp_path):
@@ -289,6 +291,7 @@ def test_fine_tuning_learns_and_evaluate_scores_it_as_validation_did(shapes, fam
     assert summary["iou"] == pytest.approx(validations[20]["val_iou"], abs=1e-6)
 
 
+@pytest.mark.slow
 @needs_twins
 def test_adapters_load_with_autopeftmodel_on_their_base_pinned_on_the_hub(shapes, tmp_path):
     """For SAM-HQ and SAM 2: fine-tune on a base pinned to a Hub revision (local test Hub), then, in the same fresh

@@ -117,6 +117,7 @@ def test_policy_picks_the_measured_kernel(device_type, dtype, needs_grad, dropou
     assert (plan.kernel, plan.mask_numel) == expected
 
 
+@pytest.mark.slow
 def test_policy_can_be_forced_and_refuses_what_it_cannot_do():
     assert kernels.choose_kernel("cuda", torch.bfloat16, True, 0.0, 4096, forced="chunked").kernel == "chunked"
     assert kernels.choose_kernel("cpu", torch.float32, False, 0.0, 4096, forced="folded").kernel == "folded"
@@ -344,6 +345,7 @@ def test_attention_compiles_without_graph_breaks(config, layer, grad, policy, mo
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["cpu", "gpu"])
 def test_compiled_encoder_matches_eager_in_inference_and_training(config, inputs, policy, monkeypatch):
     """torch.compile (inductor) through our attention kernels: the custom ops' shape functions must match what they
@@ -368,6 +370,7 @@ def test_compiled_encoder_matches_eager_in_inference_and_training(config, inputs
             assert max_abs_diff(expected[name], parameter.grad) <= 1e-4 * expected[name].abs().max().item(), name
 
 
+@pytest.mark.slow
 def test_attention_ops_survive_a_second_import_of_the_module():
     """Each execution of the model file registers its ops under a free name (torch allows a name once per process)."""
     output = run_python(
@@ -383,6 +386,7 @@ def test_attention_ops_survive_a_second_import_of_the_module():
     assert first != second and same == "True", output
 
 
+@pytest.mark.slow
 def test_benchmark_smoke_run(tmp_path):
     out = tmp_path / "bench.json"
     names = ["stock-eager", "stock-sdpa", "ours", "train-sdpa-math", "train-ours-ckpt"]
@@ -407,6 +411,7 @@ def test_benchmark_smoke_run(tmp_path):
     assert qkv["three_gemms_s"] > 0 and qkv["fused_gemm_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold", ["-1", str(2**25 + 1)])
 def test_benchmark_refuses_an_mmap_threshold_glibc_would_ignore(threshold):
     command = [sys.executable, str(BENCHMARK), "--config", "tiny", "--malloc-mmap-threshold", threshold]
@@ -414,6 +419,7 @@ def test_benchmark_refuses_an_mmap_threshold_glibc_would_ignore(threshold):
     assert result.returncode == 2 and f"must be 0 to {2**25} bytes (32 MiB), got {threshold}" in result.stderr
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     """The GPU benchmark's code path (here on CPU tensors, without CUDA events or memory): every row, ratios to the
     stock row of the same kind, bf16 accuracy at batch 1, and the LoRA training step with stock's LoRA on qkv."""

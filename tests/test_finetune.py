@@ -150,6 +150,7 @@ def lora_run(data):
     return model, out
 
 
+@pytest.mark.slow
 def test_loss_falls_and_validation_iou_rises(decoder_run):
     _, out = decoder_run
     losses = [entry["loss"] for entry in metrics(out) if "loss" in entry]
@@ -181,6 +182,7 @@ def test_decoder_run_trains_lora_and_decoder_only_and_reloads(data, decoder_run)
     assert max_abs_diff(mask_logits(merged, inputs), mask_logits(model, inputs)) < 1e-4
 
 
+@pytest.mark.slow
 def test_lora_run_changes_only_lora_weights(data, lora_run):
     model, out = lora_run
     changed = changed_parameters(model, SamSplitModel.from_pretrained(data["base"]))
@@ -190,6 +192,7 @@ def test_lora_run_changes_only_lora_weights(data, lora_run):
     assert json.loads((out / "adapter_config.json").read_text())["revision"] is None  # local base: no revision
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_weights(data, lora_run, tmp_path):
     model, _ = lora_run
     checkpointed = run(data, tmp_path / "gc", "--lr", "1e-2", "--max-steps", 3, "--prompt", "box+point",
@@ -205,6 +208,7 @@ def test_bf16_mixed_precision_runs(data, tmp_path):
     assert all(np.isfinite(entry["loss"]) for entry in metrics(tmp_path / "bf16"))
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(data, tmp_path):
     # 12 samples, batch 3 x accumulation 2: 2 steps per epoch, so the interruption and the resumed part span epochs.
     args = ["--max-steps", 6, "--save-every", 3, "--keep-checkpoints", 0, "--lr", "1e-2", "--batch-size", 3,
@@ -290,6 +294,7 @@ def test_evaluate_py_scores_the_base_and_the_adapter_as_validation_did(data, dec
         evaluate.main(["--model", str(data["base"]), "--output-dir", str(tmp_path / "tuned"), *common])
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_saved_adapter_and_early_stop(data, tmp_path, monkeypatch, capsys):
     """Validation scores forced to peak at step 2: the adapter is step 2's, and patience 1 stops at step 4."""
     dice_by_step = iter([0.1, 0.9, 0.5, 0.95])
@@ -365,6 +370,7 @@ def test_non_finite_gradients_stop_before_the_step_and_no_checkpoint_holds_them(
     assert not (out / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_corrupt_newest_checkpoint(data, tmp_path, capsys):
     args = ["--max-steps", 2, "--save-every", 1, "--keep-checkpoints", 0, "--lr", "1e-2"]
     run(data, tmp_path / "whole", *args[:1], 3, *args[2:])
@@ -478,6 +484,7 @@ def test_saved_dataset_gives_the_same_samples_as_the_folder(data, tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_end_with_identical_weights(data, decoder_run, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
@@ -516,6 +523,7 @@ def isolated_python(code: str, env: dict, cwd: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_push_to_hub_card_autopeft_and_publish_again(data, tmp_path):
     token = "finetune-secret"
     with HubServer(tmp_path / "hub", token=token) as hub:
@@ -674,6 +682,7 @@ def test_model_that_is_not_a_sam_split_model_is_one_line(data, tmp_path, monkeyp
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_validation_progress_and_a_tie_with_the_base_says_so_in_the_card(data, tmp_path, monkeypatch, capsys):
     """Validation scores that never beat step 0's: the adapter is the untrained one, and card and log say it."""
     monkeypatch.setattr(finetune, "summarize", lambda records, names: {**segmentation.summarize(records, names),
@@ -690,6 +699,7 @@ def test_validation_progress_and_a_tie_with_the_base_says_so_in_the_card(data, t
     assert json.loads((out / "eval_results.json").read_text())["fine_tuned"]["step"] == 0
 
 
+@pytest.mark.slow
 def test_interrupt_hint_unfinished_publish_refused_torn_metrics_resumed(data, tmp_path, monkeypatch, capsys):
     """Ctrl-C at step 3: exit 130 and where to resume from; the run's intermediate adapter is not published or
     merged without --allow-unfinished; a torn metrics.jsonl line is dropped on --resume; the finished run merges."""
@@ -824,6 +834,7 @@ def outcome(main, argv):
 """
 
 
+@pytest.mark.slow
 def test_hub_names_typos_revisions_and_an_unreachable_hub_are_one_line(data, tmp_path):
     """A model name that is no folder and no Hub repository, a revision the repository lacks, an adapter given as
     the model, and a Hub that cannot be reached: each one line, at once (no retries)."""

@@ -171,6 +171,7 @@ sys.exit(run_tool(lambda: main(argv)))
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_format_trains_scores_and_refuses_its_broken_file_with_strict_data(base, tmp_path, name):
     expected = FORMATS[name]

@@ -454,6 +454,7 @@ def test_upload_and_download_with_xet_enabled(hub, tmp_path):
     assert not [r for r in hub.requests if "-token" in r["path"]]  # no Xet token was asked for
 
 
+@pytest.mark.slow
 def test_push_py_with_xet_enabled(hub, tmp_path):
     """push.py, this project's own client, with Xet left on: a push, then a pull request, no traceback."""
     from sam_testing import random_stock_sam

@@ -55,6 +55,7 @@ def test_vit_base_parameter_counts():
     assert {name.rsplit(".", 1)[1] for name in lora_modules} == {"q", "v"}  # the decoder's q_proj/v_proj untouched
 
 
+@pytest.mark.slow
 def test_fresh_adapter_leaves_outputs_unchanged_and_training_moves_only_lora(base_folder):
     base = SamSplitModel.from_pretrained(base_folder)
     inputs = sample_inputs(base.config)

@@ -59,6 +59,7 @@ def run_onnx(folder: Path, pixel_values, prompts, suffix: str = "") -> dict:
     return onnx_export.run_graphs(folder / "onnx", onnx_export.SAM_SPEC, feeds, suffix)
 
 
+@pytest.mark.slow
 def test_folder_has_the_layout_transformers_js_loads(exported):
     folder, merged, *_ = exported
     files = {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
@@ -163,6 +164,7 @@ def test_failed_verification_leaves_nothing_and_says_one_line(tmp_path, monkeypa
     assert sorted(path.name for path in tmp_path.iterdir()) == ["base"]  # no output folder, no build folder left
 
 
+@pytest.mark.slow
 def test_missing_onnx_extra_is_one_install_line_and_other_tools_do_not_need_it(tmp_path):
     SamSplitModel.from_sam(random_stock_sam()).save_pretrained(tmp_path / "base")
     code = textwrap.dedent(f"""
@@ -292,6 +294,7 @@ def sam2_reference(model, pixel_values, prompts) -> dict:
             "pred_masks": outputs.pred_masks, "object_score_logits": outputs.object_score_logits}
 
 
+@pytest.mark.slow
 def test_sam2_folder_has_transformers_js_sam2_layout(exported_sam2):
     folder, *_ = exported_sam2
     import onnxruntime
@@ -311,6 +314,7 @@ def test_sam2_folder_has_transformers_js_sam2_layout(exported_sam2):
     assert [o.name for o in decoder.get_outputs()] == ["iou_scores", "pred_masks", "object_score_logits"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, batch_size", PROMPTS)
 def test_sam2_onnxruntime_matches_merged_and_stock_models(exported_sam2, kind, batch_size):
     """The graphs fed as transformers.js feeds them (no box: boxes of shape (batch, 0, 4); no points: zero points)

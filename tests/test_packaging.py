@@ -6,11 +6,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from sam_testing import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_non_editable_install_renders_the_model_card(tmp_path):
     """`pip install .` used to leave out model_card_template.md, so the installed push.py failed at the model card."""
     # Built from a copy: setuptools writes build/ and *.egg-info into the tree it builds.

@@ -167,6 +167,7 @@ def test_gradient_checkpointing_gives_stock_gradients(impl):
             torch.testing.assert_close(projection.weight.grad, part, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vit_base_shape_at_1024():
     """One test on the real sam-vit-base shape: 64x64 patch grid, 14x14 windows padded to 70, global layers. Stock runs
     its eager path, ours the default sdpa one (on a CPU the chunked kernel); each encoder runs once (~10 s each

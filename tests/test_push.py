@@ -102,6 +102,7 @@ def first_push(hub, sources, tmp_path_factory):
     return SHA.search(result.stdout).group(1), result
 
 
+@pytest.mark.slow
 def test_push_prints_a_pinnable_sha_that_loads_the_source_exactly(hub, sources, first_push, tmp_path):
     sha, result = first_push
     assert f'revision="{sha}"' in result.stdout
@@ -121,6 +122,7 @@ def test_push_prints_a_pinnable_sha_that_loads_the_source_exactly(hub, sources, 
         assert_matches(result, reference_outputs(sources[1][0], inputs))
 
 
+@pytest.mark.slow
 def test_processor_loads_from_the_pushed_repo(hub, first_push, tmp_path):
     sha, _ = first_push
     out = run_python(
@@ -137,6 +139,7 @@ def test_processor_loads_from_the_pushed_repo(hub, first_push, tmp_path):
     assert out.split()[:1] == ["SamProcessor"] and "(1, 3, 64, 64)" in out
 
 
+@pytest.mark.slow
 def test_pinned_revision_keeps_first_weights_and_code(hub, sources, first_push, tmp_path):
     first_sha, _ = first_push
     second = tmp_path / "second"
@@ -157,6 +160,7 @@ def test_pinned_revision_keeps_first_weights_and_code(hub, sources, first_push, 
     assert max_abs_diff(first_reference["image embeddings"], second_reference["image embeddings"]) > 1e-2
 
 
+@pytest.mark.slow
 def test_fork_runs_its_own_code(hub, sources, first_push, tmp_path):
     """Server-side duplicate, then a code change in the fork: loading the fork by its sha runs the fork's code
     (auto_map is local); and the download-and-reupload fork path."""
@@ -192,6 +196,7 @@ def test_fork_runs_its_own_code(hub, sources, first_push, tmp_path):
     assert_matches(results["reupload/AutoModelForMaskGeneration"], reference_outputs(sources[1][0], inputs))
 
 
+@pytest.mark.slow
 def test_offline_load_by_sha_from_the_cache(hub, sources, first_push, tmp_path):
     sha, _ = first_push
     inputs = sample_inputs(sources[1][0].config)
@@ -204,6 +209,7 @@ def test_offline_load_by_sha_from_the_cache(hub, sources, first_push, tmp_path):
     assert_matches(results["offline/AutoModel"], reference_outputs(sources[1][0], inputs))
 
 
+@pytest.mark.slow
 def test_hub_source_branch_and_pull_request(hub, sources, tmp_path):
     """A stock checkpoint on the Hub as --source (pinned by --source-revision, processor config copied over), pushed to
     a new branch, then as a pull request that leaves main alone."""
@@ -237,6 +243,7 @@ def repo_exists(hub, repo_id) -> bool:
     return Path(hub.git_dir(repo_id)).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing folder", "not a SAM checkpoint", "pickle only", "split already"])
 def test_bad_source_fails_before_anything_is_uploaded(hub, sources, tmp_path, case):
     folder = tmp_path / "source"
@@ -261,6 +268,7 @@ def test_bad_source_fails_before_anything_is_uploaded(hub, sources, tmp_path, ca
     assert not repo_exists(hub, repo_id)
 
 
+@pytest.mark.slow
 def test_wrong_token_is_refused_before_conversion(hub, sources, tmp_path):
     result = run_push(hub, tmp_path, "--source", str(sources[0] / "sam-0"), "--repo-id", "tester/wrong-token",
                       token="hf_wrong")
@@ -269,6 +277,7 @@ def test_wrong_token_is_refused_before_conversion(hub, sources, tmp_path):
     assert not repo_exists(hub, "tester/wrong-token")
 
 
+@pytest.mark.slow
 def test_verification_mismatch_aborts_with_the_figures(hub, sources, tmp_path):
     """A conversion that swaps k and v in one layer (a corrupted weight) is caught before upload, and neither a
     commit nor an output folder is left behind."""
@@ -295,6 +304,7 @@ def test_verification_mismatch_aborts_with_the_figures(hub, sources, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".sam-split-build-*"))
 
 
+@pytest.mark.slow
 def test_no_push_output_dir_and_argument_errors(sources, tmp_path, capsys):
     out = tmp_path / "built"
     result = subprocess.run([sys.executable, str(ROOT / "push.py"), "--source", str(sources[0] / "sam-0"),
@@ -381,6 +391,7 @@ def assert_clean_failure(result, tmp_path, *expected, status=1):
     assert not list(tmp_path.rglob(".sam-split-build-*")) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["from the start", "at the commit"])
 def test_unanswering_hub_times_out_with_a_clear_message(hub, sources, tmp_path, when):
     upstream = hub.url if when == "at the commit" else None
@@ -404,6 +415,7 @@ def test_unanswering_hub_times_out_with_a_clear_message(hub, sources, tmp_path, 
 
 @pytest.mark.parametrize("signal_number, status, message", [(signal.SIGTERM, 143, "terminated"),
                                                        (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.slow
 def test_a_signal_during_the_build_cleans_up(sources, tmp_path, signal_number, status, message):
     """SIGTERM (or Ctrl-C) while the build is being verified: an exit status and a message, no traceback, no build
     folder, no output folder and no scratch folder (TMPDIR) left."""
@@ -438,6 +450,7 @@ def misshape_weights(folder: Path) -> None:
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["hub down", "truncated weights", "mis-shaped weights", "read-only output parent"])
 def test_failures_exit_with_one_clear_message(hub, sources, tmp_path, case):
     source = tmp_path / "source"
@@ -464,6 +477,7 @@ def test_failures_exit_with_one_clear_message(hub, sources, tmp_path, case):
     assert not repo_exists(hub, "tester/failures")
 
 
+@pytest.mark.slow
 def test_hub_without_xet_support_is_a_clear_message(hub, sources, tmp_path):
     """huggingface_hub uploads through Xet unless HF_HUB_DISABLE_XET=1; a Hub without Xet (like tests/hub_server.py
     before it answered Xet requests) must give a clear message, never a traceback."""
@@ -477,6 +491,7 @@ def test_hub_without_xet_support_is_a_clear_message(hub, sources, tmp_path):
         assert SHA.search(result.stdout)
 
 
+@pytest.mark.slow
 def test_onnx_flag_adds_the_verified_graphs_to_the_same_single_commit(hub, sources, tmp_path):
     """`--onnx`: the onnx/ folder is exported, verified in onnxruntime against the source, and published in the very
     commit that holds the weights and the code, so one pinned sha serves PyTorch, onnxruntime and transformers.js."""
@@ -508,6 +523,7 @@ def test_what_the_hub_would_refuse_is_refused_at_parse_time(args, message, capsy
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_changed_shard_layout_loads_each_push_by_its_sha(hub, sources, tmp_path):
     """One file, then shards, then one file again, into one repository: each printed sha loads exactly the weights its
     push verified, and its tree holds no weight file of another push (a stale model.safetensors beside new shards was
@@ -533,6 +549,7 @@ def test_a_changed_shard_layout_loads_each_push_by_its_sha(hub, sources, tmp_pat
         assert_matches(result, reference_outputs(sources[1][seed], inputs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["500", "drop"])
 def test_a_lost_answer_to_the_commit_says_it_landed_and_a_retry_commits_nothing(hub, sources, tmp_path, fault):
     """The Hub applies the commit, then its answer is lost (a 500, a dropped connection): push.py looks at the repo,
@@ -554,6 +571,7 @@ def test_a_lost_answer_to_the_commit_says_it_landed_and_a_retry_commits_nothing(
         "Split q/k/v SAM converted from " + str(sources[0] / "sam-0"), "initial commit"]
 
 
+@pytest.mark.slow
 def test_a_killed_parent_takes_its_reload_child_with_it(tmp_path):
     """SIGKILL leaves a process no chance to end its children: the reload child (push.py's verification) must end by
     itself when its parent dies. Here the child blocks in its first Hub request (a loopback server that accepts and
