@@ -19,7 +19,8 @@ dense `(batch_size, nHead, HW, HW)` mask for a whole batch:
 `choose_kernel` is the policy: a pure function of what is known at call time, chosen from measurements (README,
 benchmarks). `SAM_SPLIT_ATTENTION=chunked|folded` in the environment overrides it, to compare or bisect;
 `SAM_SPLIT_CPU_MASK_MIB` sets the CPU chunk size (`benchmarks/bench_chunks.py` measures it).
-Only torch is imported: this file travels to the Hub with the model code.
+Only torch is imported (and `split_qkv.py`, for the one-GEMM q/k/v projection): this file travels to the Hub with the
+model code.
 """
 
 import itertools
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .split_qkv import project_qkv
 
 
 # Most bias values per SDPA call on a CPU: 4 MiB in fp32, the fastest on a quiet 2-core machine; beside other busy
@@ -321,8 +324,8 @@ class SplitRelPosAttentionMixin:
 
     def forward(self, hidden_states: torch.Tensor, output_attentions=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, height, width, _ = hidden_states.shape
-        # each (batch_size, nHead, height * width, head_dim)
-        query, key, value = (self._heads(getattr(self, name)(hidden_states)) for name in ("q", "k", "v"))
+        # each (batch_size, nHead, height * width, head_dim), from one GEMM (`project_qkv`)
+        query, key, value = (self._heads(projection) for projection in project_qkv(self, hidden_states))
         rel_h, rel_w = self._decomposed_rel_pos(query, height, width) if self.use_rel_pos else (None, None)
         dropout = self.dropout if self.training else 0.0
 
