@@ -193,7 +193,8 @@ def _fusion_plan(layers) -> tuple[list | None, str | None]:
             return None, f"q, k or v is a {type(layer).__name__}, neither nn.Linear nor PEFT's LoRA Linear"
         if type(base) is not nn.Linear or _hooked(base) or _hooked(layer):
             return None, "q, k or v is hooked or its base layer is not an nn.Linear"
-        if torch.is_grad_enabled() and (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)):
+        trainable = base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+        if trainable and torch.is_grad_enabled():
             return None, "q, k or v weights require grad (the fused weight would not pass gradients to them)"
         plan.append((base, lora, adapter))
     if len({(base.weight.dtype, base.weight.device, base.in_features, base.bias is None) for base, _, _ in plan}) > 1:
@@ -278,8 +279,8 @@ def project_qkv(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.T
     unmerged adapters alike). `q`, `k` and `v` stay separate modules, so PEFT targets, merges and saves them as ever.
 
     Where that would not be exactly their own forwards (DoRA and other variants, adapters other than LoRA, several
-    active adapters, q/k/v weights that require grad while grad is enabled, hooks, graph export, anything not recognised), the three modules are
-    called instead, and a debug log says why, once per reason.
+    active adapters, q/k/v weights that require grad while grad is enabled, hooks, graph export, anything not
+    recognised), the three modules are called instead, and a debug log says why, once per reason.
     """
     layers = (module.q, module.k, module.v)
     plan, reason = _fusion_plan(layers)

@@ -23,9 +23,9 @@ TWINS = {
     "sam-hq": (SamHQModel, SamHQSplitModel, tiny_sam_hq_config),
     "sam2": (Sam2Model, Sam2SplitModel, tiny_sam2_config),
 }
-# outputs (absolute; bf16: one rounding step near 0.5) and LoRA gradients (relative to the largest of any); measured 2026-12-07
-# on this CPU: outputs equal to the bit but for 1.5e-8 once (SAM 2, fp32), gradients within 6e-8 (fp32) and 1e-3 (bf16)
-# of the largest: the gradient of a layer's input sums the same products in another order.
+# Outputs (absolute; bf16: one rounding step near 0.5) and LoRA gradients (relative to the largest of any). Measured
+# 2026-12-07 on this CPU: outputs equal to the bit but for 1.5e-8 once (SAM 2, fp32), gradients within 6e-8 (fp32) and
+# 1e-3 (bf16) of the largest: the gradient of a layer's input sums the same products in another order.
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 4e-3}
 GRADIENT_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
