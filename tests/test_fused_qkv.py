@@ -215,3 +215,16 @@ def test_fallbacks_say_why(monkeypatch, caplog):
     assert any("several active" in message for message in messages)
     assert len(messages) == len(set(messages))  # once per reason
     assert split_qkv._fusion_plan((torch.nn.Conv1d(1, 1, 1),) * 3)[0] is None  # not recognised
+
+
+@pytest.mark.parametrize("size, rows", [(14, 27), (64, 127), (14, 21)], ids=["window", "global", "interpolated"])
+def test_rel_pos_table_equals_stocks(size, rows):
+    """The twin's relative-position lookup (cached index, no same-length interpolation) gives stock's `get_rel_pos`
+    to the bit; a table of another length is interpolated as stock does."""
+    from sam_split.attention_sam_split import SplitRelPosAttentionMixin
+
+    attention = attentions(twin("sam"))[0]
+    table = torch.randn(rows, 16, generator=torch.Generator().manual_seed(size))
+    for _ in range(2):  # the second call takes the cached index
+        got = SplitRelPosAttentionMixin._rel_pos_table(attention, size, table)
+        assert torch.equal(got, attention.get_rel_pos(size, size, table))
