@@ -21,7 +21,9 @@ autocast. `--one-process` runs that GPU path on any device (a smoke test of it o
     python benchmarks/bench_family.py --one-process --sizes sam-tiny --batch-sizes 1 2 --repeats 1   # smoke, CPU
 
 `SAM_SPLIT_FUSE_LORA_A=1` in the environment also fuses the twin's two LoRA A matrices into one GEMM
-(`split_qkv.project_qkv`); run with and without it to measure that option.
+(`split_qkv.project_qkv`); `--lora-a-option` measures the twin's LoRA step with it off and on, alternately:
+
+    python benchmarks/bench_family.py --lora-a-option --sizes sam2.1-hiera-tiny --batch-sizes 1 8 --device cuda
 """
 
 import argparse
@@ -113,11 +115,12 @@ def measure(size: str, cases: list, repeats: int, threads: int) -> dict:
             for variant in order:
                 workers[variant][1].send(("run", case, batch))
                 seconds[variant].append(workers[variant][1].recv())
-        results[f"{case} batch {batch}"] = {
+        row = results[f"{case} batch {batch}"] = {
             **{variant: statistics.median(timed[1:]) for variant, timed in seconds.items()},
             **{f"{variant}_all": timed[1:] for variant, timed in seconds.items()},
             "load": os.getloadavg()[0],
         }
+        _print_row(size, f"{case} batch {batch}", row)
     for variant, (process, connection, baseline) in workers.items():
         connection.send(("stop",))
         results[f"{variant} memory"] = dict(baseline_gb=baseline, peak_gb=connection.recv())
@@ -184,6 +187,23 @@ def measure_one_process(size: str, batches: list, repeats: int, device: str) -> 
     return results
 
 
+def measure_lora_a_option(size: str, batch: int, repeats: int, device: str) -> dict:
+    """Median seconds of the twin's LoRA step with its two LoRA A matrices as two GEMMs and as one
+    (`split_qkv.FUSE_LORA_A`, the SAM_SPLIT_FUSE_LORA_A option), alternately in this process (bf16 autocast on a GPU,
+    fp32 on a CPU)."""
+    from sam_split import split_qkv
+
+    autocast = torch.bfloat16 if device.startswith("cuda") else None
+    step = case_function(build(size, "twin"), "twin", "LoRA step", batch, device, autocast=autocast)
+    timer = Timer(device)
+    seconds = {False: [], True: []}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for fused in (False, True) if repeat % 2 == 0 else (True, False):
+            split_qkv.FUSE_LORA_A = fused
+            seconds[fused].append(timer.seconds(step))
+    return {"two A GEMMs": statistics.median(seconds[False][1:]), "one A GEMM": statistics.median(seconds[True][1:])}
+
+
 def main_one_process(sizes: list, batches: list, repeats: int, device: str) -> dict:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else device
     print(f"torch {torch.__version__}, {name}, SAM_SPLIT_FUSE_LORA_A={os.environ.get('SAM_SPLIT_FUSE_LORA_A', '0')}")
@@ -213,7 +233,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--device", default="cpu", help="cpu (default: a worker process per model) or cuda")
     parser.add_argument("--one-process", action="store_true", help="the GPU path (one process) on any device")
+    parser.add_argument("--lora-a-option", action="store_true",
+                        help="only measure the twin's LoRA step with SAM_SPLIT_FUSE_LORA_A off and on, alternately")
     args = parser.parse_args(argv)
+    if args.lora_a_option:
+        all_results = {size: {batch: measure_lora_a_option(size, batch, args.repeats, args.device)
+                              for batch in args.batch_sizes} for size in args.sizes}
+        print(f"twin LoRA step on {args.device}, median of {args.repeats} (s): {json.dumps(all_results)}")
+        return all_results
     if args.device != "cpu" or args.one_process:
         all_results = main_one_process(args.sizes, args.batch_sizes, args.repeats, args.device)
     else:
@@ -222,6 +249,13 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as file:
             json.dump(all_results, file, indent=2)
     return all_results
+
+
+def _print_row(size: str, name: str, row: dict) -> None:
+    timed = " ".join(f"{value:.2f}" for value in row["stock_all"]) + " / " + " ".join(
+        f"{value:.2f}" for value in row["twin_all"])
+    print(f"{size:20} {name:22} {row['stock']:8.2f} {row['twin']:8.2f} {row['twin'] / row['stock']:10.2f} "
+          f"{row['load']:5.1f}  {timed}", flush=True)
 
 
 def main_cpu(args) -> dict:
@@ -233,13 +267,6 @@ def main_cpu(args) -> dict:
     all_results = {}
     for size in args.sizes:
         results = all_results[size] = measure(size, cases, args.repeats, args.threads)
-        for name, row in results.items():
-            if "memory" in name:
-                continue
-            timed = " ".join(f"{value:.2f}" for value in row["stock_all"]) + " / " + " ".join(
-                f"{value:.2f}" for value in row["twin_all"])
-            print(f"{size:20} {name:22} {row['stock']:8.2f} {row['twin']:8.2f} {row['twin'] / row['stock']:10.2f} "
-                  f"{row['load']:5.1f}  {timed}", flush=True)
         stock, twin = results["stock memory"], results["twin memory"]
         print(f"{size:20} peak RSS stock {stock['peak_gb']:.2f} GB, twin {twin['peak_gb']:.2f} GB (models and "
               f"libraries {stock['baseline_gb']:.2f} / {twin['baseline_gb']:.2f} GB)")
