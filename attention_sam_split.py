@@ -19,7 +19,8 @@ dense `(batch_size, nHead, HW, HW)` mask for a whole batch:
 `choose_kernel` is the policy: a pure function of what is known at call time, chosen from measurements (README,
 benchmarks). `SAM_SPLIT_ATTENTION=chunked|folded` in the environment overrides it, to compare or bisect;
 `SAM_SPLIT_CPU_MASK_MIB` sets the CPU chunk size (`benchmarks/bench_chunks.py` measures it).
-Only torch is imported: this file travels to the Hub with the model code.
+Only torch is imported (and `split_qkv.py`, for the one-GEMM q/k/v projection): this file travels to the Hub with the
+model code.
 """
 
 import itertools
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .split_qkv import project_qkv
 
 
 # Most bias values per SDPA call on a CPU: 4 MiB in fp32, the fastest on a quiet 2-core machine; beside other busy
@@ -113,7 +116,13 @@ def attention(query, key, value, rel_h, rel_w, scale: float, dropout: float = 0.
         return dense_attention(*tensors, scale, dropout)
     if plan.kernel == "folded":
         return folded_attention(*tensors, scale, dropout)
-    return chunked_attention(*tensors, scale, plan.mask_numel)
+    batch_size, num_heads, seq_len, _ = query.shape
+    if not needs_grad and batch_size * num_heads * seq_len**2 <= plan.mask_numel:
+        # One chunk holds the whole bias: the chunked op would make the same single SDPA call, plus a custom-op
+        # dispatch and a copy into its output (launches that a GPU at batch 1 waits for).
+        return dense_attention(*tensors, scale)
+    # contiguous: the mask chunks summed from them come out contiguous too, so flattening those for SDPA costs no copy
+    return chunked_attention(query, key, value, rel_h.contiguous(), rel_w.contiguous(), scale, plan.mask_numel)
 
 
 def _exporting() -> bool:
@@ -158,16 +167,33 @@ def folded_attention(query, key, value, rel_h, rel_w, scale: float, dropout: flo
     seq_len, head_dim = height * width, query.shape[-1]
     folded_width = head_dim + height + width
     padding = -folded_width % 8
-    # (height * width, height + width + padding): one-hot row and column of each key position
-    rows = torch.eye(height, dtype=query.dtype, device=query.device).repeat_interleave(width, dim=0)
-    cols = torch.eye(width, dtype=query.dtype, device=query.device).repeat(height, 1)
-    key_codes = F.pad(torch.cat([rows, cols], dim=-1), (0, padding))
+    key_codes = _key_codes(height, width, padding, query.dtype, query.device)
     # (batch_size, nHead, height * width, folded_width + padding)
     folded_query = F.pad(torch.cat([query * scale, rel_h.flatten(2, 3), rel_w.flatten(2, 3)], dim=-1), (0, padding))
     folded_key = torch.cat([key, key_codes.expand(batch_size, num_heads, seq_len, -1)], dim=-1)
     padded_value = F.pad(value, (0, folded_width + padding - head_dim))
     attn_output = F.scaled_dot_product_attention(folded_query, folded_key, padded_value, dropout_p=dropout, scale=1.0)
     return attn_output[..., :head_dim]
+
+
+# (height, width, padding, dtype, device) -> `_key_codes`, built once: five small kernels per global layer less
+_KEY_CODES = {}
+
+
+def _key_codes(height: int, width: int, padding: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(height * width, height + width + padding): the one-hot row and column of each key position, zero-padded."""
+    def build():
+        rows = torch.eye(height, dtype=dtype, device=device).repeat_interleave(width, dim=0)
+        cols = torch.eye(width, dtype=dtype, device=device).repeat(height, 1)
+        return F.pad(torch.cat([rows, cols], dim=-1), (0, padding))
+
+    if torch.compiler.is_compiling() or _exporting():  # a graph holds them as constants
+        return build()
+    key = (height, width, padding, dtype, device)
+    if key not in _KEY_CODES:
+        with torch.inference_mode(False):  # usable outside inference mode too
+            _KEY_CODES[key] = build()
+    return _KEY_CODES[key]
 
 
 # ----------------------------------------------------------------------------------------------- the chunked kernel
@@ -321,8 +347,8 @@ class SplitRelPosAttentionMixin:
 
     def forward(self, hidden_states: torch.Tensor, output_attentions=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, height, width, _ = hidden_states.shape
-        # each (batch_size, nHead, height * width, head_dim)
-        query, key, value = (self._heads(getattr(self, name)(hidden_states)) for name in ("q", "k", "v"))
+        # each (batch_size, nHead, height * width, head_dim), from one GEMM (`project_qkv`)
+        query, key, value = (self._heads(projection) for projection in project_qkv(self, hidden_states))
         rel_h, rel_w = self._decomposed_rel_pos(query, height, width) if self.use_rel_pos else (None, None)
         dropout = self.dropout if self.training else 0.0
 
@@ -339,14 +365,31 @@ class SplitRelPosAttentionMixin:
         """The relative-position bias of each query towards each key row and key column, as stock SAM computes it:
         (batch_size, nHead, height, width, height) and (batch_size, nHead, height, width, width)."""
         batch_size, num_heads, _, head_dim = query.shape
-        rel_h_table = self.get_rel_pos(height, height, self.rel_pos_h)  # (height, height, head_dim)
-        rel_w_table = self.get_rel_pos(width, width, self.rel_pos_w)  # (width, width, head_dim)
+        rel_h_table = self._rel_pos_table(height, self.rel_pos_h)  # (height, height, head_dim)
+        rel_w_table = self._rel_pos_table(width, self.rel_pos_w)  # (width, width, head_dim)
         grid_query = query.reshape(batch_size, num_heads, height, width, head_dim)
-        # einsum returns them permuted in memory; made contiguous (they are small), the mask chunks summed from them
-        # come out contiguous too, so flattening those for SDPA costs no copy.
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table).contiguous()
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table).contiguous()
+        # einsum returns them permuted in memory: the chunked kernel makes them contiguous (`attention`)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, rel_h_table)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, rel_w_table)
         return rel_h, rel_w
+
+    def _rel_pos_table(self, size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+        """Stock's `get_rel_pos(size, size, rel_pos)` (the table row of each query and key position), the same values
+        from fewer kernels where the table already has `2 * size - 1` rows: stock's linear interpolation to the same
+        length returns them unchanged, and its index, built on the host at every call (on a GPU a host-to-device copy
+        per call), is built once per size and device."""
+        if rel_pos.shape[0] != 2 * size - 1 or torch.compiler.is_compiling() or _exporting():
+            return self.get_rel_pos(size, size, rel_pos)
+        index = _REL_POS_INDEX.get((size, rel_pos.device))
+        if index is None:
+            with torch.inference_mode(False):
+                positions = torch.arange(size, device=rel_pos.device)
+                index = _REL_POS_INDEX[size, rel_pos.device] = positions[:, None] - positions[None, :] + (size - 1)
+        return rel_pos[index]
+
+
+# (size, device) -> (size, size) index of the relative-position table row of each query and key position
+_REL_POS_INDEX = {}
 
 
 __all__ = [

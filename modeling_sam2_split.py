@@ -20,7 +20,7 @@ from transformers.models.sam2.modeling_sam2 import Sam2MultiScaleAttention, do_p
 
 from .compat import CheckpointingMixin, attention_function, register_for_mask_generation
 from .configuration_sam2_split import Sam2SplitConfig
-from .split_qkv import SplitTwinMixin
+from .split_qkv import SplitTwinMixin, project_qkv
 
 
 class Sam2SplitMultiScaleAttention(Sam2MultiScaleAttention):
@@ -43,15 +43,17 @@ class Sam2SplitMultiScaleAttention(Sam2MultiScaleAttention):
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         batch_size = hidden_states.shape[0]
+        # each (batch_size, height, width, dim_out), from one GEMM (`project_qkv`)
+        query, key, value = project_qkv(self, hidden_states)
         # Q pooling (for downsample at stage changes): (batch_size, height', width', dim_out)
-        query = do_pool(self.q(hidden_states), self.query_stride) if self.query_stride else self.q(hidden_states)
+        query = do_pool(query, self.query_stride) if self.query_stride else query
         height, width = query.shape[1:3]
         attention = attention_function(self.config._attn_implementation, eager_attention_forward)
         attn_output, _ = attention(
             self,
             self._heads(query),
-            self._heads(self.k(hidden_states)),
-            self._heads(self.v(hidden_states)),
+            self._heads(key),
+            self._heads(value),
             attention_mask=None,
             is_causal=self.is_causal,
             scaling=self.scale,

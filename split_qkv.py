@@ -1,5 +1,5 @@
-"""What every split-q/k/v twin shares (SAM, SAM-HQ, SAM 2): the state-dict split and fuse, strict loading, and the
-conversion from and to the stock model.
+"""What every split-q/k/v twin shares (SAM, SAM-HQ, SAM 2): the state-dict split and fuse, strict loading, the
+conversion from and to the stock model, and the one-GEMM q/k/v projection (`project_qkv`).
 
 A twin is its stock model but for the vision attention, whose fused `attn.qkv` Linear (rows q, k, v) becomes three
 Linears `attn.q`, `attn.k`, `attn.v`. Nothing else differs, so converting is splitting (or fusing) those rows, and
@@ -12,6 +12,8 @@ checks every import statement in the file).
 import os
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -20,6 +22,8 @@ PROJECTIONS = ("q", "k", "v")
 _FUSED = ".attn.qkv."
 # Config entries that name a model rather than describe its sizes: dropped when a config changes class.
 _NOT_SIZES = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "name_or_path"}
+# SAM_SPLIT_FUSE_LORA_A=1: the LoRA A matrices of q and v in one GEMM too (see `project_qkv`); off unless measured.
+FUSE_LORA_A = os.environ.get("SAM_SPLIT_FUSE_LORA_A", "0") == "1"
 
 
 def split_qkv_state_dict(state_dict: dict) -> dict:
@@ -120,6 +124,179 @@ def load_stock(twin, name_or_path, **from_pretrained_kwargs):
     return stock, sorted(set(weights) - wanted)
 
 
+# ------------------------------------------------------------------------------------ one GEMM for q, k and v
+
+# PEFT's LoRA `Linear`, recognised by its class's module and name and the attributes its forward reads: this file is
+# published with the model and imports only torch and transformers.
+_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")
+_LORA_ATTRIBUTES = ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters", "merged",
+                    "merged_adapters", "disable_adapters", "fan_in_fan_out")
+_FALLBACKS_LOGGED = set()
+
+
+def _is_lora_linear(layer: nn.Module) -> bool:
+    kind = type(layer)
+    return (kind.__module__, kind.__qualname__) == _LORA_LINEAR and all(
+        hasattr(layer, name) for name in _LORA_ATTRIBUTES
+    )
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run more than its class's forward (hooks, or a forward set on the instance, as
+    accelerate's offloading does), which one fused GEMM would skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _active_lora(layer: nn.Module) -> tuple[str | None, str | None]:
+    """`(adapter, None)`: the one LoRA adapter whose `lora_B(lora_A(dropout(x))) * scaling` PEFT's forward adds to
+    `base_layer(x)` (None: it adds nothing: adapters disabled or merged); `(None, reason)` where `project_qkv` cannot
+    reproduce that forward exactly."""
+    if layer.fan_in_fan_out:
+        return None, "a LoRA layer with fan_in_fan_out"
+    if layer.disable_adapters:
+        # PEFT unmerges a merged adapter in forward before it runs the base layer: left to PEFT
+        return (None, "a disabled adapter that is still merged") if layer.merged else (None, None)
+    if layer.merged:
+        return None, None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) > 1:
+        return None, "several active LoRA adapters"
+    if not active:
+        return None, None
+    adapter = active[0]
+    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
+        return None, "DoRA or another LoRA variant"
+    if any(_hooked(modules[adapter]) for modules in (layer.lora_A, layer.lora_B)):
+        return None, "hooks on a LoRA matrix"
+    return adapter, None
+
+
+def _fusion_plan(layers) -> tuple[list | None, str | None]:
+    """`([(base Linear, LoRA layer or None, adapter or None)] * 3, None)` when `project_qkv` can compute `layers` (q, k,
+    v) as one GEMM plus their LoRA terms, exactly as their own forwards would; else `(None, why not)`."""
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return None, "a graph is being exported (it keeps three projections, as before)"
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None, "global module hooks are registered"
+    plan = []
+    for layer in layers:
+        lora, adapter = None, None
+        if _is_lora_linear(layer):
+            lora, base = layer, layer.base_layer
+            adapter, reason = _active_lora(layer)
+            if reason:
+                return None, reason
+        elif type(layer) is nn.Linear:
+            base = layer
+        else:
+            return None, f"q, k or v is a {type(layer).__name__}, neither nn.Linear nor PEFT's LoRA Linear"
+        if type(base) is not nn.Linear or _hooked(base) or _hooked(layer):
+            return None, "q, k or v is hooked or its base layer is not an nn.Linear"
+        trainable = base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+        if trainable and torch.is_grad_enabled():
+            return None, "q, k or v weights require grad (the fused weight would not pass gradients to them)"
+        plan.append((base, lora, adapter))
+    if len({(base.weight.dtype, base.weight.device, base.in_features, base.bias is None) for base, _, _ in plan}) > 1:
+        return None, "q, k and v differ in dtype, device, input width or bias"
+    return plan, None
+
+
+def _frozen_tensors(plan) -> list:
+    return [tensor for base, _, _ in plan for tensor in (base.weight, base.bias) if tensor is not None]
+
+
+def _cache_is_current(cache, plan) -> bool:
+    """Whether the cached concatenation still holds the frozen q/k/v weights: the same storage (the cache keeps it
+    alive, so no new tensor can take its address), not modified in place since (`_version`: `copy_`, `add_` under
+    `no_grad`, `load_state_dict`), the same dtype and device (`.to()` makes new tensors), and the same PEFT adapters
+    merged into it (PEFT merges and unmerges through `weight.data`, which no version counter sees)."""
+    aliases, versions, merged = cache[:3]
+    tensors = _frozen_tensors(plan)
+    return (
+        len(tensors) == len(aliases)
+        and all(tensor.data_ptr() == alias.data_ptr() and tensor.dtype == alias.dtype and tensor.device == alias.device
+                and tensor.shape == alias.shape and tensor._version == version
+                for tensor, alias, version in zip(tensors, aliases, versions))
+        and merged == tuple(tuple(lora.merged_adapters) if lora is not None else () for _, lora, _ in plan)
+    )
+
+
+def _fused_weight(module: nn.Module, plan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(cat(Wq, Wk, Wv), cat(bq, bk, bv) or None)`, cached on `module` until those weights change (see
+    `_cache_is_current`); rebuilt on every call under `torch.compile`, which sees the concatenation of constants."""
+    bases = [base for base, _, _ in plan]
+    if torch.compiler.is_compiling() or any(tensor.is_inference() for tensor in _frozen_tensors(plan)):
+        bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
+        return torch.cat([base.weight for base in bases]), bias
+    cache = module.__dict__.get("_fused_qkv_cache")
+    if cache is None or not _cache_is_current(cache, plan):
+        with torch.inference_mode(False), torch.no_grad():
+            tensors = _frozen_tensors(plan)
+            weight = torch.cat([base.weight for base in bases])
+            bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
+            merged = tuple(tuple(lora.merged_adapters) if lora is not None else () for _, lora, _ in plan)
+            cache = ([tensor.detach() for tensor in tensors], [tensor._version for tensor in tensors], merged,
+                     weight, bias)
+        module.__dict__["_fused_qkv_cache"] = cache
+    return cache[3], cache[4]
+
+
+def _lora_input(lora: nn.Module, adapter: str, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The input PEFT's LoRA forward gives `lora_A` before dropout: cast to lora_A's dtype (`_cast_input_dtype`, which
+    can be switched off; older PEFT casts with `.to`)."""
+    dtype = lora.lora_A[adapter].weight.dtype
+    if hasattr(lora, "_cast_input_dtype"):
+        return lora._cast_input_dtype(hidden_states, dtype)
+    return hidden_states.to(dtype)
+
+
+def _lora_terms(plan, hidden_states: torch.Tensor) -> dict:
+    """{index: `lora_B(lora_A(dropout(x))) * scaling`} of each adapted projection, PEFT's computation. With
+    SAM_SPLIT_FUSE_LORA_A=1 and no dropout, the A matrices of all adapted projections run as one GEMM."""
+    adapted = [(index, lora, adapter) for index, (_, lora, adapter) in enumerate(plan) if adapter is not None]
+    if FUSE_LORA_A and len(adapted) > 1 and all(
+        type(lora.lora_dropout[adapter]) is nn.Identity and type(lora.lora_A[adapter]) is nn.Linear
+        and lora.lora_A[adapter].bias is None for _, lora, adapter in adapted
+    ) and len({lora.lora_A[adapter].weight.dtype for _, lora, adapter in adapted}) == 1:
+        _, lora, adapter = adapted[0]
+        lora_input = _lora_input(lora, adapter, hidden_states)
+        weights = [lora.lora_A[adapter].weight for _, lora, adapter in adapted]
+        down = F.linear(lora_input, torch.cat(weights)).split([weight.shape[0] for weight in weights], dim=-1)
+        return {index: lora.lora_B[adapter](part) * lora.scaling[adapter]
+                for (index, lora, adapter), part in zip(adapted, down)}
+    terms = {}
+    for index, lora, adapter in adapted:
+        lora_input = lora.lora_dropout[adapter](_lora_input(lora, adapter, hidden_states))
+        terms[index] = lora.lora_B[adapter](lora.lora_A[adapter](lora_input)) * lora.scaling[adapter]
+    return terms
+
+
+def project_qkv(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(module.q(x), module.k(x), module.v(x))`, computed as one GEMM `F.linear(x, cat(Wq, Wk, Wv), cat(bq, bk, bv))`
+    split in three, the way stock's fused `qkv` computes it; PEFT LoRA on any of them adds its
+    `lora_B(lora_A(dropout(x))) * scaling` to its part, as PEFT's LoRA `Linear.forward` does (merged, disabled and
+    unmerged adapters alike). `q`, `k` and `v` stay separate modules, so PEFT targets, merges and saves them as ever.
+
+    Where that would not be exactly their own forwards (DoRA and other variants, adapters other than LoRA, several
+    active adapters, q/k/v weights that require grad while grad is enabled, hooks, graph export, anything not
+    recognised), the three modules are called instead, and a debug log says why, once per reason.
+    """
+    layers = (module.q, module.k, module.v)
+    plan, reason = _fusion_plan(layers)
+    if plan is None:
+        if reason not in _FALLBACKS_LOGGED:
+            _FALLBACKS_LOGGED.add(reason)
+            logger.debug(f"q/k/v projected by three calls: {reason}.")
+        return tuple(layer(hidden_states) for layer in layers)
+    weight, bias = _fused_weight(module, plan)
+    projections = list(F.linear(hidden_states, weight, bias).split([base.out_features for base, _, _ in plan], -1))
+    for index, term in _lora_terms(plan, hidden_states).items():
+        # PEFT adds in the promoted dtype (fp32 adapters on a bf16 base) and casts back to the base result's dtype
+        projections[index] = (projections[index] + term).to(projections[index].dtype)
+    return tuple(projections)
+
+
 def describe_left_out(left_out: list) -> str:
     """'160 weights the image model does not use (video memory: mask_downsample, memory_attention, ...)'."""
     modules = sorted({name.split(".")[0] for name in left_out})
@@ -198,4 +375,4 @@ class SplitTwinMixin:
 
 __all__ = ["SplitTwinMixin", "build_and_load", "check_loading_info", "config_sizes", "describe_left_out",
            "fuse_qkv_state_dict",
-           "load_stock", "split_qkv_state_dict"]
+           "load_stock", "project_qkv", "split_qkv_state_dict"]
