@@ -206,11 +206,22 @@ def _frozen_tensors(plan) -> list:
     return [tensor for base, _, _ in plan for tensor in (base.weight, base.bias) if tensor is not None]
 
 
+def _merged_state(plan) -> tuple:
+    """The PEFT adapters merged into each base weight, with the version of their LoRA weights (PEFT merges and unmerges
+    through `weight.data`, which no version counter sees; what it merges is what those weights held)."""
+    return tuple(
+        tuple((name, *((weight.data_ptr(), weight._version) for weight in (lora.lora_A[name].weight,
+                                                                           lora.lora_B[name].weight)))
+              for name in lora.merged_adapters if name in lora.lora_A) if lora is not None else ()
+        for _, lora, _ in plan
+    )
+
+
 def _cache_is_current(cache, plan) -> bool:
     """Whether the cached concatenation still holds the frozen q/k/v weights: the same storage (the cache keeps it
     alive, so no new tensor can take its address), not modified in place since (`_version`: `copy_`, `add_` under
     `no_grad`, `load_state_dict`), the same dtype and device (`.to()` makes new tensors), and the same PEFT adapters
-    merged into it (PEFT merges and unmerges through `weight.data`, which no version counter sees)."""
+    merged into it (`_merged_state`)."""
     aliases, versions, merged = cache[:3]
     tensors = _frozen_tensors(plan)
     return (
@@ -218,15 +229,22 @@ def _cache_is_current(cache, plan) -> bool:
         and all(tensor.data_ptr() == alias.data_ptr() and tensor.dtype == alias.dtype and tensor.device == alias.device
                 and tensor.shape == alias.shape and tensor._version == version
                 for tensor, alias, version in zip(tensors, aliases, versions))
-        and merged == tuple(tuple(lora.merged_adapters) if lora is not None else () for _, lora, _ in plan)
+        and merged == _merged_state(plan)
     )
 
 
 def _fused_weight(module: nn.Module, plan) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`(cat(Wq, Wk, Wv), cat(bq, bk, bv) or None)`, cached on `module` until those weights change (see
-    `_cache_is_current`); rebuilt on every call under `torch.compile`, which sees the concatenation of constants."""
+    """`(cat(Wq, Wk, Wv), cat(bq, bk, bv) or None)`.
+
+    Cached on `module` while PEFT wraps q, k or v, until those weights change (see `_cache_is_current`). Plain Linears
+    are concatenated at every call (one copy, still one launch fewer than three GEMMs): nothing would tell a cache
+    that PEFT merged an adapter into them through `weight.data` and unloaded it (`merge_and_unload`). Under
+    `torch.compile` too, which sees the concatenation of constants."""
     bases = [base for base, _, _ in plan]
-    if torch.compiler.is_compiling() or any(tensor.is_inference() for tensor in _frozen_tensors(plan)):
+    wrapped = any(lora is not None for _, lora, _ in plan)
+    if not wrapped or torch.compiler.is_compiling() or any(tensor.is_inference() for tensor in _frozen_tensors(plan)):
+        if not torch.compiler.is_compiling():
+            module.__dict__.pop("_fused_qkv_cache", None)  # e.g. after merge_and_unload: the old weights' memory
         bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
         return torch.cat([base.weight for base in bases]), bias
     cache = module.__dict__.get("_fused_qkv_cache")
@@ -235,9 +253,8 @@ def _fused_weight(module: nn.Module, plan) -> tuple[torch.Tensor, torch.Tensor |
             tensors = _frozen_tensors(plan)
             weight = torch.cat([base.weight for base in bases])
             bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])
-            merged = tuple(tuple(lora.merged_adapters) if lora is not None else () for _, lora, _ in plan)
-            cache = ([tensor.detach() for tensor in tensors], [tensor._version for tensor in tensors], merged,
-                     weight, bias)
+            cache = ([tensor.detach() for tensor in tensors], [tensor._version for tensor in tensors],
+                     _merged_state(plan), weight, bias)
         module.__dict__["_fused_qkv_cache"] = cache
     return cache[3], cache[4]
 
