@@ -49,6 +49,8 @@ def parse_args(argv=None):
                                            "(default: the adapter's base)")
     parser.add_argument("--adapter", help="PEFT adapter (Hub id or folder) made by finetune.py; omit to score the base")
     parser.add_argument("--adapter-revision", help="revision of --adapter on the Hub")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="apply an adapter trained on another family member (e.g. SAM's on the SAM-HQ twin)")
     parser.add_argument("--data", required=True, help="data to score (see tools/data.py; --val-split picks the split)")
     parser.add_argument("--output-dir", required=True, help="new folder for metrics.json, masks/ and overlays/")
     add_data_arguments(parser)
@@ -126,7 +128,9 @@ def score(args) -> dict:
     source = open_source(args.data, data_options(args, args.val_split))
     images = scan(source, processor, args.strict_data, log)
     model = load_model(base)
-    model = (load_adapter(model, adapter) if adapter else model).to(accelerator.device)
+    if adapter:
+        model = load_adapter(model, adapter, allow_other_base=args.allow_other_base)
+    model = model.to(accelerator.device)
     dataset = PromptedImages(source, images, processor, args.prompt, args.num_points, args.num_negative_points,
                              seed=args.seed)
     loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cli import ToolError
+from .cli import ToolError, local_path
 from .processing import low_res_target, mask_grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -890,7 +890,7 @@ def _dataset_source(spec: str, kind: str, options: DataOptions) -> "DatasetSourc
 def open_source(spec: str, options: DataOptions):
     """The source for `spec`: a folder with images/ + masks/ or labels/, a COCO .json, a `datasets` folder (saved
     with `save_to_disk`, or parquet files) or a Hub dataset id `user/name`. Raises DataError for anything else."""
-    path = Path(spec)
+    path = local_path(spec, flag="data")
     expected = ("expected DIR/images/ with DIR/masks/ (binary masks) or DIR/labels/ (label maps), a COCO instances "
                 ".json, a `datasets` folder (save_to_disk or parquet files) or a Hub dataset id user/name")
     if path.is_file():
