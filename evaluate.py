@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sam_split.tools.arguments import add_loader_arguments, add_model_arguments, add_prompt_arguments
-from sam_split.tools.cli import Location, ToolError, run_tool
+from sam_split.tools.cli import Location, ToolError, check_name_lengths, run_tool
 from sam_split.tools.compat import set_hub_timeout
 from sam_split.tools.data import add_data_arguments, data_options, open_source, scan
 from sam_split.tools.files import atomic_output_dir
@@ -70,6 +70,10 @@ def parse_args(argv=None):
 
 
 def output_dir_problem(output_dir: Path) -> str | None:
+    try:
+        check_name_lengths(output_dir, flag="--output-dir")
+    except ToolError as error:
+        return str(error)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         return f"--output-dir {output_dir} exists and is not an empty folder"
     return None

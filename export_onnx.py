@@ -15,6 +15,7 @@ onnxruntime runs every graph on point and box prompts at batch 1 and 2 and must 
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.adapter_revision and not args.adapter:
         parser.error("--adapter-revision needs --adapter")
-    if not args.atol > 0:
-        parser.error("--atol must be positive")
+    if not (math.isfinite(args.atol) and args.atol > 0):  # inf or nan would turn the verification off
+        parser.error(f"--atol must be a finite positive number, got {args.atol}")
     return args
 
 

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from sam_split.tools.adapter_card import adapter_notes, base_license, hub_dataset, model_card
 from sam_split.tools.arguments import add_loader_arguments, add_model_arguments, add_prompt_arguments, integer, number
-from sam_split.tools.cli import Location, ToolError, locate, run_tool
+from sam_split.tools.cli import Location, ToolError, check_name_lengths, locate, run_tool
 from sam_split.tools.compat import set_hub_timeout
 from sam_split.tools.data import add_data_arguments, data_options, open_source, scan
 from sam_split.tools.files import atomic_output_dir, check_new_folder
@@ -481,6 +481,7 @@ def trackers(report_to: str) -> list:
 def check_output_dir(path: Path, resume: str | None) -> None:
     """A `ToolError` unless `path` can receive this run's outputs: a new folder, or with --resume a run's folder.
     Checked before anything slow, creating nothing (a failed run leaves no empty folder behind)."""
+    check_name_lengths(path, flag="--output-dir")
     try:
         check_new_folder(path, empty=not resume)
     except ToolError as error:

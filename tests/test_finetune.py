@@ -543,7 +543,7 @@ try:
     finetune.main(["--model", "tester/sam-base", "--base-revision", base_sha, "--train-data", {str(data["train"])!r},
                    "--val-data", {str(data["val"])!r}, "--eval-every", "2", "--output-dir", {str(tmp_path / "out")!r},
                    "--max-steps", "2", "--train-decoder", "--lr", "1e-2", "--push-to", "tester/sam-adapter",
-                   *{FAST!r}])
+                   "--replace-all", *{FAST!r}])
 except (SystemExit, ToolError) as error:
     print("PUSH FAILED", error)
 os.environ["HF_TOKEN"] = {token!r}

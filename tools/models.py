@@ -16,6 +16,7 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 
 from .cli import Location, ToolError, local_path, locate
 from .compat import hub_failure_types
+from .family import check_config_body
 from .processing import load_model as load_family_model
 
 # The split-q/k/v twins' model_types, each with the stock model_types push.py converts into it.
@@ -95,7 +96,15 @@ def resolve_model(text: str, revision: str | None, *, flag: str = "--model",
                             "its merged model (finetune.py --merge-to-sam, then push.py)")
         raise ToolError(f"{flag} {text} holds no config.json: expected a SamSplitModel folder or Hub id (made by "
                         "push.py or SamSplitModel.save_pretrained)")
-    model_type = _read_json(location, "config.json", flag).get("model_type")
+    config = _read_json(location, "config.json", flag)
+    model_type = config.get("model_type")
+    try:
+        check_config_body(config)
+    except ValueError as error:
+        raise ToolError(f"{flag} {text}: {error}") from None
+    if model_type is None:
+        raise ToolError(f"{flag} {text}: its config.json has no model_type, so it is no transformers model; expected "
+                        "a SamSplitModel folder or Hub id (made by push.py or SamSplitModel.save_pretrained)")
     if model_type in STOCK_MODEL_TYPES:
         raise ToolError(f"{flag} {text} is a stock {STOCK_NAMES[model_type]} checkpoint (fused qkv): convert it first "
                         f"with `python push.py --source {text} --output-dir DIR --no-push` and pass DIR")
