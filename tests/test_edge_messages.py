@@ -96,3 +96,21 @@ def test_a_config_without_model_type_or_with_another_members_sizes(tmp_path):
     with pytest.raises(ValueError, match="this is a SAM-HQ checkpoint"):
         check_config_body({**hq, "model_type": "sam2"})
     check_config_body({**hq, "model_type": "sam_hq"})  # what it says is what it holds
+
+
+def test_nan_pixels_of_a_float_tiff_are_named_not_made_zero(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from test_data import rect, scanned, skipped
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    pixels = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    Image.fromarray(pixels).save(tmp_path / "images" / "good.tif")
+    pixels[3, 5] = np.nan
+    Image.fromarray(pixels).save(tmp_path / "images" / "nan.tif")
+    for stem in ("good", "nan"):
+        Image.fromarray(rect(64, 64, 10, 10, 40, 40).astype(np.uint8) * 255).save(tmp_path / "masks" / f"{stem}_a.png")
+    source, images, log = scanned(tmp_path)
+    assert [image.name for image in images] == ["good.tif"]
+    assert skipped(log)["nan.tif"].startswith("1 of its 4096 pixels are NaN or infinite"), log

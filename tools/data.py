@@ -118,9 +118,14 @@ class DataOptions:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of `image`; 16-bit and float images (common in medical data) are min-max scaled to 8 bits first."""
+    """RGB copy of `image`; 16-bit and float images (common in medical data) are min-max scaled to 8 bits first. A
+    float image with NaN or infinite pixels is a `BadSample`: no value for them would be right (NaN became 0)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise BadSample(f"{bad} of its {array.size} pixels are NaN or infinite (a float image): no 8-bit value "
+                            "for them would be right")
         low, high = float(array.min()), float(array.max())
         array = (array - low) / (high - low or 1.0) * 255.0
         image = Image.fromarray(array.round().astype(np.uint8))
