@@ -60,6 +60,7 @@ def test_a_hub_paused_as_the_upload_starts_ends_the_push_within_a_few_timeouts(t
         paused = paused[0]
         elapsed = time.monotonic() - paused
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    print(f"push.py ended {elapsed:.1f} s after the Hub was paused: {errors}")
     assert push.returncode == 1 and "Traceback" not in stderr and len(errors) == 1, stderr[-3000:]
     assert "Uploading" in stdout and "Committed" not in stdout
     assert re.search("nothing was committed|Whether it landed is unknown", errors[0], re.IGNORECASE), errors[0]

@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.hf_api import RepoFile
 
 from .cli import ToolError
-from .compat import hub_failure_types
+from .compat import hub_failure_types, hub_timeout
 
 
 def hub_failure(action: str, error: BaseException) -> ToolError:
@@ -197,12 +198,42 @@ def publish_folder(folder: Path, repo_id: str, *, commit_message: str, revision:
     return published
 
 
+# The lost-answer lookup gets this many --timeouts in all (each request retried by huggingface_hub would take up to six
+# and its waits between tries), so that a Hub that stopped answering ends the push soon, with the marker to look for.
+LOOKUP_TIMEOUTS = 3
+
+
+def within(seconds: float | None, call):
+    """`call()`, or a `TimeoutError` (an OSError: a Hub failure) when it has not returned after `seconds` (None: no
+    limit). It runs in a daemon thread, which is left behind on a timeout: the process does not wait for it."""
+    if seconds is None:
+        return call()
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller as it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True, name="hub-lookup")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no complete answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def landed_commit(api: HfApi, repo_id: str, branch: str, head: str, marker: str, create_pr: bool,
                   error: BaseException) -> PublishedCommit:
     """After a failed commit request: the commit if it landed all the same (found by `marker`), else a `ToolError`
-    saying that nothing was committed, or that it cannot be told."""
+    saying that nothing was committed, or that it cannot be told. The lookup takes at most LOOKUP_TIMEOUTS times the
+    Hub timeout (`compat.set_hub_timeout`) in all."""
     answer = f"{type(error).__name__}: {error_reason(error)}"
-    try:
+
+    def search() -> PublishedCommit | None:
         if create_pr:
             refs = api.list_repo_refs(repo_id, include_pull_requests=True).pull_requests or []
             candidates = [ref.ref for ref in refs]
@@ -219,11 +250,18 @@ def landed_commit(api: HfApi, repo_id: str, branch: str, head: str, marker: str,
                     return PublishedCommit(repo_id, commit.commit_id, url, create_pr, note=(
                         f"the Hub's answer to the commit was lost ({answer}), but the commit landed: "
                         f"{commit.commit_id}"))
+        return None
+
+    timeout = hub_timeout()
+    try:
+        found = within(None if timeout is None else LOOKUP_TIMEOUTS * timeout, search)
     except hub_failure_types() as lookup_error:
         raise ToolError(f"upload to {repo_id} at {api.endpoint}: the answer to the commit was lost ({answer}) and "
                         f"the repository could not be checked ({type(lookup_error).__name__}: "
                         f"{error_reason(lookup_error)}). Whether it landed is unknown: look in its history for a "
                         f"commit whose description says '{marker}' before publishing again") from error
+    if found is not None:
+        return found
     failure = f"upload to {repo_id} at {api.endpoint} failed: {answer}. Nothing was committed (checked: {branch} "
     failure += "has no pull request from it)" if create_pr else f"is still at {head})"
     if "xet" in str(error).lower():  # huggingface_hub uploads through Xet storage unless told otherwise
