@@ -5,6 +5,7 @@ for `model_type`, which must differ from `"sam"` so that `AutoConfig` picks this
 the built-in one.
 """
 
+import math
 from functools import cache
 
 from transformers import SamConfig
@@ -135,16 +136,17 @@ def check_sam_sizes(config: SamConfig) -> None:
         "expected a list of layer indexes (integers)",
     )
     _require(
-        0.0 <= vision.attention_dropout < 1.0,
+        0.0 <= vision.attention_dropout <= 1.0,
         "vision_config.attention_dropout",
         vision.attention_dropout,
-        "expected a probability in [0, 1)",
+        "expected a probability in [0, 1]",
     )
     # A non-positive or non-finite epsilon makes every layer norm divide by zero or by a negative variance: NaN masks.
+    # Any other value runs (SamModel's own tests use 1.0): only those are refused.
     for part in _SIZE_FIELDS:
         eps = getattr(getattr(config, part), "layer_norm_eps", 1e-6)
-        _require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1, f"{part}.layer_norm_eps",
-                 eps, "expected a small positive number (the released SAMs use 1e-6)")
+        _require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0,
+                 f"{part}.layer_norm_eps", eps, "expected a finite positive number (the released SAMs use 1e-6)")
     # The prompt encoder's positional grid is added to the image embedding the vision encoder makes: same grid, width.
     grid = vision.image_size // vision.patch_size
     _require(

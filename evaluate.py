@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sam_split.tools.arguments import add_loader_arguments, add_model_arguments, add_prompt_arguments
-from sam_split.tools.cli import Location, ToolError, run_tool
+from sam_split.tools.cli import Location, ToolError, check_name_lengths, run_tool
 from sam_split.tools.compat import set_hub_timeout
 from sam_split.tools.data import add_data_arguments, data_options, open_source, scan
 from sam_split.tools.files import atomic_output_dir
@@ -49,6 +49,8 @@ def parse_args(argv=None):
                                            "(default: the adapter's base)")
     parser.add_argument("--adapter", help="PEFT adapter (Hub id or folder) made by finetune.py; omit to score the base")
     parser.add_argument("--adapter-revision", help="revision of --adapter on the Hub")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="apply an adapter trained on another family member (e.g. SAM's on the SAM-HQ twin)")
     parser.add_argument("--data", required=True, help="data to score (see tools/data.py; --val-split picks the split)")
     parser.add_argument("--output-dir", required=True, help="new folder for metrics.json, masks/ and overlays/")
     add_data_arguments(parser)
@@ -68,6 +70,10 @@ def parse_args(argv=None):
 
 
 def output_dir_problem(output_dir: Path) -> str | None:
+    try:
+        check_name_lengths(output_dir, flag="--output-dir")
+    except ToolError as error:
+        return str(error)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         return f"--output-dir {output_dir} exists and is not an empty folder"
     return None
@@ -126,7 +132,9 @@ def score(args) -> dict:
     source = open_source(args.data, data_options(args, args.val_split))
     images = scan(source, processor, args.strict_data, log)
     model = load_model(base)
-    model = (load_adapter(model, adapter) if adapter else model).to(accelerator.device)
+    if adapter:
+        model = load_adapter(model, adapter, allow_other_base=args.allow_other_base)
+    model = model.to(accelerator.device)
     dataset = PromptedImages(source, images, processor, args.prompt, args.num_points, args.num_negative_points,
                              seed=args.seed)
     loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(

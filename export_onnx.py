@@ -15,11 +15,12 @@ onnxruntime runs every graph on point and box prompts at batch 1 and 2 and must 
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
-from sam_split.tools.cli import ToolError, locate, run_tool, step
+from sam_split.tools.cli import ToolError, run_tool, step
 from sam_split.tools.files import atomic_output_dir
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--revision", help="branch, tag or commit of a Hub --model")
     parser.add_argument("--adapter", help="PEFT LoRA adapter (folder or Hub id), merged into the model before export")
     parser.add_argument("--adapter-revision", help="branch, tag or commit of a Hub --adapter")
+    parser.add_argument("--allow-other-base", action="store_true",
+                        help="merge an adapter trained on another family member (e.g. SAM's into the SAM-HQ twin)")
     parser.add_argument("--output-dir", required=True, type=Path, help="new folder to write")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                         help="fp16 also writes onnx/*_fp16.onnx (fp16 weights, fp32 inputs and outputs)")
@@ -43,15 +46,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.adapter_revision and not args.adapter:
         parser.error("--adapter-revision needs --adapter")
-    if not args.atol > 0:
-        parser.error("--atol must be positive")
+    if not (math.isfinite(args.atol) and args.atol > 0):  # inf or nan would turn the verification off
+        parser.error(f"--atol must be a finite positive number, got {args.atol}")
     return args
 
 
-def load_merged(model, adapter):
+def load_merged(model, adapter, allow_other_base: bool = False):
     """The split twin at `model` (a `Location`; the class its config names) with the adapter at `adapter` merged in
-    (PEFT merge_and_unload), fp32, eval mode."""
-    from sam_split.tools.models import load_model
+    (PEFT merge_and_unload; applied in full or refused: `models.load_adapter`), fp32, eval mode."""
+    from sam_split.tools.models import load_adapter, load_model
 
     try:
         base = load_model(model)
@@ -61,14 +64,10 @@ def load_merged(model, adapter):
     if adapter is None:
         return base.float().eval()
     try:
-        from peft import PeftModel
+        import peft  # noqa: F401 - only to say how to install it
     except ImportError:
         raise ToolError('--adapter needs peft: pip install -e ".[lora]"') from None
-    try:
-        tuned = PeftModel.from_pretrained(base, adapter.name, revision=adapter.revision)
-    except (OSError, ValueError, KeyError) as error:
-        raise ToolError(f"--adapter {adapter}: cannot load it onto --model: {str(error).splitlines()[0]}") from error
-    return tuned.merge_and_unload().float().eval()
+    return load_adapter(base, adapter, allow_other_base=allow_other_base).merge_and_unload().float().eval()
 
 
 def preprocessor_config(model, config) -> dict:
@@ -117,13 +116,17 @@ def export(args) -> None:
     from sam_split.tools import onnx_export
 
     onnx_export.require_onnx()  # before anything slow
-    model_location = locate(args.model, args.revision, flag="--model")
-    adapter_location = locate(args.adapter, args.adapter_revision, flag="--adapter") if args.adapter else None
+    from sam_split.tools.models import resolve_adapter, resolve_model
+
+    # The resolver says what each argument holds: an adapter given as --model is refused, not exported as a merge
+    # that its card would call "Adapter: none".
+    model_location = resolve_model(args.model, args.revision, flag="--model", revision_flag="--revision")
+    adapter_location = resolve_adapter(args.adapter, args.adapter_revision)[0] if args.adapter else None
     variants = ("fp32",) + (("fp16",) if args.dtype == "fp16" else ()) + (("quantized",) if args.quantize else ())
     started = time.monotonic()
     with atomic_output_dir(args.output_dir) as folder:
         step(f"Loading {model_location}" + (f" and merging the adapter {adapter_location}" if adapter_location else ""))
-        model = load_merged(model_location, adapter_location)
+        model = load_merged(model_location, adapter_location, args.allow_other_base)
         differences = onnx_export.export_model(model, folder, variants, atol=args.atol)
         files = sorted(str(path.relative_to(folder)) for path in (folder / "onnx").iterdir())
         preprocessor = preprocessor_config(model_location, model.config)

@@ -61,12 +61,19 @@ from tqdm.auto import tqdm
 
 from sam_split.tools.adapter_card import adapter_notes, base_license, hub_dataset, model_card
 from sam_split.tools.arguments import add_loader_arguments, add_model_arguments, add_prompt_arguments, integer, number
-from sam_split.tools.cli import Location, ToolError, locate, run_tool
+from sam_split.tools.cli import Location, ToolError, check_name_lengths, locate, run_tool
 from sam_split.tools.compat import set_hub_timeout
 from sam_split.tools.data import add_data_arguments, data_options, open_source, scan
 from sam_split.tools.files import atomic_output_dir, check_new_folder
 from sam_split.tools.hub import publish_folder
-from sam_split.tools.models import adapter_base, load_model, model_config, resolve_model
+from sam_split.tools.models import (
+    BASE_MODEL_TYPE_KEY,
+    adapter_base,
+    load_adapter,
+    load_model,
+    model_config,
+    resolve_model,
+)
 from sam_split.tools.processing import model_family, model_processor
 from sam_split.tools.segmentation import PromptedImages, collate, evaluate, object_losses, summarize
 from sam_split.tools.verify import max_differences, sam_outputs, verification_inputs
@@ -301,18 +308,20 @@ def save_adapter(model, output_dir: Path, card: str):
     with atomic_output_dir(output_dir, existing="update", last="adapter_config.json", prefix=".adapter-") as build:
         model.save_pretrained(str(build))
         config_path = build / "adapter_config.json"
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "auto_mapping": AUTO_MAPPING},
+        # auto_mapping also records which twin the adapter was trained on (`models.load_adapter` checks it)
+        auto_mapping = {**AUTO_MAPPING, BASE_MODEL_TYPE_KEY: model.get_base_model().config.model_type}
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "auto_mapping": auto_mapping},
                                           indent=2, sort_keys=True))
         (build / "README.md").write_text(card)
 
 
-def push_adapter(output_dir: Path, repo: str, message: str) -> str:
+def push_adapter(output_dir: Path, repo: str, message: str, replace_all: bool = False) -> str:
     try:
         with atomic_output_dir(None, prefix="sam-split-adapter-") as staged:  # the repo becomes exactly these files
             for name in ADAPTER_FILES:
                 if (output_dir / name).is_file():
                     shutil.copyfile(output_dir / name, staged / name)
-            commit = publish_folder(staged, repo, commit_message=message)
+            commit = publish_folder(staged, repo, commit_message=message, replace_all=replace_all)
     except ToolError as error:
         raise ToolError(f"{error}.\nThe adapter is complete in {output_dir}; publish it again with:\n"
                          f"  python finetune.py --output-dir {output_dir} --publish-only --push-to {repo}") from None
@@ -333,7 +342,9 @@ def merge_to_sam(model: PeftModel, processor, target: Path):
     tolerance = 1e-4 * max(1.0, max(tensor.abs().max().item() for tensor in expected.values()))
     if difference > tolerance:
         raise ToolError(f"merged SamModel differs from the adapted model: {differences} > {tolerance:.1e}")
-    with atomic_output_dir(target, existing="replace", prefix=".merged-") as build:
+    # "refuse", not "replace": DIR was checked new when the run started, and a file a user put there since is kept
+    # (refused now, or found at the end and the merged model kept beside it).
+    with atomic_output_dir(target, prefix=".merged-", flag="--merge-to-sam") as build:
         sam.save_pretrained(str(build))
         processor.save_pretrained(str(build))
     print(f"merged stock SamModel saved to {target} (max |diff| vs adapter {difference:.1e})")
@@ -344,13 +355,19 @@ def check_merge_to_sam(config) -> None:
         raise ToolError(f"--merge-to-sam makes a stock SamModel; this model is {model_family(config)}")
 
 
-def publish(model: PeftModel, output_dir: Path, push_to: str | None, merge_to: str | None, message: str):
+def publish(model: PeftModel, output_dir: Path, push_to: str | None, merge_to: str | None, message: str,
+            replace_all: bool = False):
     """Merge first (local, checked), then push: a failed push leaves a complete folder to publish again."""
     if merge_to:
         check_merge_to_sam(model.config)
-        merge_to_sam(model, model_processor(model.config), Path(merge_to))
+        try:
+            merge_to_sam(model, model_processor(model.config), Path(merge_to))
+        except ToolError as error:
+            raise ToolError(f"{error}. The adapter is complete in {output_dir}; merge it again with:\n"
+                            f"  python finetune.py --output-dir {output_dir} --publish-only --merge-to-sam NEW_DIR"
+                            ) from None
     if push_to:
-        push_adapter(output_dir, push_to, message)
+        push_adapter(output_dir, push_to, message, replace_all)
 
 
 def publishable_base(recorded: Location, given: Location | None, push_to: str | None) -> Location:
@@ -376,7 +393,8 @@ def check_same_weights(base, recorded: Location) -> None:
 
 
 def publish_finished(output_dir: Path, push_to: str | None, merge_to: str | None, allow_unfinished: bool,
-                     base_text: str | None, base_revision: str | None, log=print) -> PeftModel:
+                     base_text: str | None, base_revision: str | None, log=print,
+                     replace_all: bool = False) -> PeftModel:
     """`--publish-only`: push and/or merge the adapter a finished run left in `output_dir`. An unfinished run (no
     finished run.json: stopped before its end) is refused unless `allow_unfinished`. Before a push, the adapter's
     config and card are written again, naming the Hub base, so no path of this machine is published."""
@@ -395,12 +413,12 @@ def publish_finished(output_dir: Path, push_to: str | None, merge_to: str | None
     base = load_model(base_location)
     if given is not None:
         check_same_weights(base, recorded)
-    model = PeftModel.from_pretrained(base, str(output_dir))
+    model = load_adapter(base, Location("local", str(output_dir.absolute())))
     if push_to:
         model.peft_config["default"].base_model_name_or_path = base_location.name
         model.peft_config["default"].revision = base_location.revision
         save_adapter(model, output_dir, write_card(output_dir, record, base_location, push_to, log))
-    publish(model, output_dir, push_to, merge_to, f"LoRA adapter from {output_dir.name}")
+    publish(model, output_dir, push_to, merge_to, f"LoRA adapter from {output_dir.name}", replace_all)
     return model
 
 
@@ -463,6 +481,7 @@ def trackers(report_to: str) -> list:
 def check_output_dir(path: Path, resume: str | None) -> None:
     """A `ToolError` unless `path` can receive this run's outputs: a new folder, or with --resume a run's folder.
     Checked before anything slow, creating nothing (a failed run leaves no empty folder behind)."""
+    check_name_lengths(path, flag="--output-dir")
     try:
         check_new_folder(path, empty=not resume)
     except ToolError as error:
@@ -516,6 +535,8 @@ def add_run_arguments(parser) -> None:
     run.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                      help="continue the run in --output-dir from its newest checkpoint (or from CHECKPOINT)")
     run.add_argument("--push-to", metavar="REPO", help="upload the adapter to this Hub repo and print the commit sha")
+    run.add_argument("--replace-all", action="store_true",
+                     help="let --push-to delete files of REPO that no push of ours wrote (refused otherwise)")
     run.add_argument("--merge-to-sam", metavar="DIR", help="also save the merged model as a stock SamModel in DIR")
     run.add_argument("--publish-only", action="store_true",
                      help="do not train: push (--push-to) and/or merge (--merge-to-sam) the adapter that a finished "
@@ -966,7 +987,7 @@ def main(argv=None) -> PeftModel:
     output_dir = Path(settings.output_dir)
     if settings.publish_only:
         return publish_finished(output_dir, settings.push_to, settings.merge_to_sam, settings.allow_unfinished,
-                                settings.model, settings.base_revision)
+                                settings.model, settings.base_revision, replace_all=settings.replace_all)
     base = resolve_model(settings.model, settings.base_revision)
     accelerator = make_accelerator(settings.cpu, settings.mixed_precision, settings.trackers, settings.train_decoder,
                                    output_dir)
@@ -1005,7 +1026,8 @@ def main(argv=None) -> PeftModel:
 
     model = finish(session, base, settings.metric_for_best, settings.push_to)
     if accelerator.is_main_process:
-        publish(model, output_dir, settings.push_to, settings.merge_to_sam, f"LoRA adapter after {state.step} steps")
+        publish(model, output_dir, settings.push_to, settings.merge_to_sam, f"LoRA adapter after {state.step} steps",
+                settings.replace_all)
     accelerator.wait_for_everyone()
     # The DDP wrapper, its optimizer and data loader go while the process group still exists: destroyed after it (when
     # this frame ends), the wrapper's destructor once blocked the process at exit in a 2-process CPU run.

@@ -38,7 +38,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from sam_split.split_qkv import describe_left_out
 from sam_split.tools import onnx_export
-from sam_split.tools.cli import ToolError, check_repo_id, check_revision, parse_size, run_tool, step
+from sam_split.tools.cli import ToolError, check_repo_id, check_revision, local_path, parse_size, run_tool, step
 from sam_split.tools.compat import hub_failure_types, set_hub_timeout
 from sam_split.tools.family import (
     RANDOM_PREFIX,
@@ -56,6 +56,8 @@ from sam_split.tools.verify import max_differences, reload_and_run, sam_outputs,
 HERE = Path(__file__).resolve().parent
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # A Hub id as `from_pretrained` takes it: `name` (legacy, no namespace) or `namespace/name`.
+# The longest --timeout taken: the HTTP clients overflow on a time far in the future (1e300 s).
+MAX_TIMEOUT_S = 86400
 HUB_ID_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -81,8 +83,9 @@ def parse_source(text: str, revision: str | None) -> Source:
         size = text[len(RANDOM_PREFIX):]
         member_for_random(size)  # a ValueError lists the names
         kind = "random"
-    elif Path(text).exists() or text.startswith((".", "/", "~")) or not HUB_ID_PATTERN.match(text):
-        size, kind = str(Path(text).expanduser()), "folder"
+    elif (path := local_path(text, flag="--source")).exists() or text.startswith((".", "/", "~")) \
+            or not HUB_ID_PATTERN.match(text):
+        size, kind = str(path), "folder"
     else:
         size, kind = text, "hub"
     if revision is not None and kind != "hub":
@@ -116,10 +119,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "otherwise")
     target = parser.add_argument_group("target")
     target.add_argument("--repo-id", help="Hub repository to create or update, e.g. my-org/sam-vit-base-split")
-    target.add_argument("--revision", default="main", help="branch to commit to (created from main if missing)")
+    target.add_argument("--revision", default="main",
+                        help="branch to commit to (created from main if missing), or refs/pr/N to update that pull "
+                             "request; a tag is refused")
     target.add_argument("--private", action="store_true", help="create the repository as private")
     target.add_argument("--create-pr", action="store_true",
                         help="open a pull request against the default branch instead of committing")
+    target.add_argument("--replace-all", action="store_true",
+                        help="let the commit delete files of the branch that no push of ours wrote (a file a user "
+                             "added is refused otherwise; see the README's publishing part)")
     target.add_argument("--commit-message", help="commit message (default: what was converted from where)")
     target.add_argument("--token", help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     target.add_argument("--timeout", type=float, default=60.0,
@@ -151,14 +159,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(error))
     try:
         args.source = parse_source(args.source, args.source_revision)
+    except ToolError as error:
+        parser.error(str(error))
     except ValueError as error:
         parser.error(f"--source: {error}")
     if args.create_pr and args.revision != "main":
         parser.error("--create-pr opens a pull request against the default branch; drop --revision")
     if not (math.isfinite(args.atol) and args.atol > 0):
         parser.error(f"--atol must be a positive number, got {args.atol}")
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT_S):
+        parser.error(f"--timeout must be a positive number of seconds up to {MAX_TIMEOUT_S} (a day), got "
+                     f"{args.timeout:g}")
     return args
 
 
@@ -325,11 +336,14 @@ def push(args) -> None:
         if not args.no_push:
             size_mb = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e6
             step(f"Uploading {size_mb:.1f} MB to {args.repo_id} in one commit that makes {args.revision} hold exactly "
-                 "this folder (files it does not hold are deleted)")
+                 "this folder (the files it does not hold are deleted, and named)")
             commit = publish_folder(
                 folder, args.repo_id, revision=args.revision, create_pr=args.create_pr, private=args.private,
                 token=args.token, commit_message=args.commit_message or f"Split q/k/v SAM converted from {args.source}",
+                replace_all=args.replace_all,
             )
+            if commit.deleted:
+                step(f"Deleted {len(commit.deleted)} files the folder does not hold: {', '.join(commit.deleted)}")
             note = f" ({commit.note})" if commit.note else ""
             step(f"Checked: commit {commit.sha} holds exactly the verified files{note}")
     if not args.no_push:

@@ -64,9 +64,11 @@ def build_and_load(model_class, config, state_dict: dict):
     return model.eval()
 
 
-def check_loading_info(loading_info: dict, source, twin_name: str, stock_name: str, conversion: str) -> None:
+def check_loading_info(loading_info: dict, source, twin_name: str, stock_name: str, conversion: str,
+                       strict: bool = True) -> None:
     """Turn transformers' missing/unexpected/mis-shaped-key warnings into errors: no weight may stay randomly
-    initialised. A stock checkpoint (fused `qkv`) gets a pointer to the conversion (`conversion`, e.g. "from_sam")."""
+    initialised. A stock checkpoint (fused `qkv`) gets a pointer to the conversion (`conversion`, e.g. "from_sam"),
+    also when not `strict` (then only that is checked: the caller reads the report itself)."""
     missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
     mismatched = sorted(str(item) for item in loading_info.get("mismatched_keys", []))
     if any(_FUSED in name for name in unexpected):
@@ -75,7 +77,7 @@ def check_loading_info(loading_info: dict, source, twin_name: str, stock_name: s
             f"`{twin_name}.{conversion}({str(source)!r})` (or `push.py --source ...`); loading it as a split model "
             "would leave q/k/v randomly initialised."
         )
-    if missing or unexpected or mismatched:
+    if strict and (missing or unexpected or mismatched):
         raise ValueError(
             f"{source} does not match {twin_name}: missing weights {missing[:8]}, unexpected weights "
             f"{unexpected[:8]}, mismatched shapes {mismatched[:8]} ({len(missing)} missing, {len(unexpected)} "
@@ -340,14 +342,17 @@ class SplitTwinMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, except that a missing, unexpected or mis-shaped weight is an error.
 
-        A stock (fused `qkv`) checkpoint is refused with a pointer to the conversion (`from_stock`).
+        With `output_loading_info=True` it returns `(model, loading_info)` as transformers does, the missing,
+        unexpected and mis-shaped weights listed there for the caller to judge instead of raised (a partial checkpoint
+        loads, its missing weights randomly initialised). A stock (fused `qkv`) checkpoint is refused either way,
+        with a pointer to the conversion (`from_stock`).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         check_loading_info(loading_info, pretrained_model_name_or_path, cls.__name__, cls.stock_name,
-                           cls.conversion_name)
+                           cls.conversion_name, strict=not output_loading_info)
         return (model, loading_info) if output_loading_info else model
 
     @classmethod

@@ -187,11 +187,13 @@ def goes_to_lfs(path, data, patterns):
     )
 
 
-def parse_commit(body, max_files=None):
+def parse_commit(lines, max_files=None):
     """(message, parent commit or None, {path: content}, [deleted path, folder paths ending in "/"]) of an NDJSON
-    commit request; over ``max_files`` operations is a 413, as on the Hub."""
+    commit request, read line by line from ``lines`` (an iterable, e.g. ``Handler.body_lines``: a large body is never
+    held whole; bytes are split into lines); over ``max_files`` operations is a 413, as on the Hub."""
     header, additions, deletions = {}, {}, []
-    for number, line in enumerate(body.splitlines(), 1):
+    lines = lines.splitlines() if isinstance(lines, bytes) else lines
+    for number, line in enumerate(lines, 1):
         try:
             item = json.loads(line)
             key, value = item["key"], dict(item["value"])
@@ -521,6 +523,28 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(400, "Truncated request body")
         return body
 
+    def body_lines(self, limit):
+        """The request body's lines, read one at a time (a commit body of hundreds of MiB is held once, as the files
+        it decodes to, not several times over); the checks of ``read_body``."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise HubError(411, "Send a Content-Length, not a chunked body")
+        try:
+            left = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise HubError(400, "Invalid Content-Length") from None
+        if not 0 <= left <= limit:
+            raise HubError(413, f"Request body over {limit} bytes")
+        # Until the last line is read the connection holds the rest of the body: an error before then closes it.
+        self.body_read, close_connection, self.close_connection = True, self.close_connection, True
+        while left > 0:
+            line = self.rfile.readline(left)
+            if not line:
+                raise HubError(400, "Truncated request body")
+            left -= len(line)
+            if line.strip():
+                yield line
+        self.close_connection = close_connection
+
     def read_json(self):
         try:
             payload = json.loads(self.read_body() or b"{}")
@@ -697,7 +721,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def commit(self, type_path, namespace, name, revision):
         repo_type, repo_id, git_dir, _ = self.writable(type_path, namespace, name)
-        message, parent, additions, deletions = parse_commit(self.read_body(self.max_commit_bytes),
+        message, parent, additions, deletions = parse_commit(self.body_lines(self.max_commit_bytes),
                                                              self.max_commit_files)
         create_pr = self.query.get("create_pr", "").lower() in ("1", "true")
         with self.store.lock:
@@ -720,6 +744,7 @@ class Handler(BaseHTTPRequestHandler):
             attributes = self.store.read_blob(git_dir, files[".gitattributes"]) if ".gitattributes" in files else b""
             for path, data in additions.items():
                 attributes = data if path == ".gitattributes" else attributes
+                self.check_pointer(repo_type, repo_id, path, data)
                 if goes_to_lfs(path, data, lfs_patterns(attributes.decode("utf-8", "replace"))):
                     data = self.store.store_lfs(repo_type, repo_id, data)
                 files[path] = self.store.hash_blob(git_dir, data)
@@ -736,6 +761,20 @@ class Handler(BaseHTTPRequestHandler):
             "success": True, "commitOid": sha, "commitUrl": f"{url}/commit/{sha}", "commitMessage": message.rstrip(),
             "hookOutput": "", "pullRequestUrl": f"{url}/discussions/{pr_number}" if pr_number else None,
         })
+
+    def check_pointer(self, repo_type, repo_id, path, data):
+        """A file committed inline that is an LFS pointer must tell the truth about an object this server holds: its
+        size is what downloads announce (X-Linked-Size) and clients check, so a pointer whose size lies is a 400."""
+        pointer = parse_lfs_pointer(data)
+        if pointer is None:
+            return
+        try:
+            size = os.path.getsize(self.store.lfs_path(repo_type, repo_id, pointer[0]))
+        except FileNotFoundError:
+            return  # no such object here: a download of it is a 404 (resolve_file)
+        if size != pointer[1]:
+            raise HubError(400, f"LFS pointer {path} says size {pointer[1]}, but its object sha256:{pointer[0]} has "
+                                f"{size} bytes")
 
     def injected_fault(self):
         """After a commit is applied: lose its answer if a test asked for it (HubServer.fail_next_commit)."""
@@ -860,6 +899,8 @@ class Handler(BaseHTTPRequestHandler):
             except FileNotFoundError:  # a pointer committed as a regular file, to an object this server never had
                 raise HubError(404, f"LFS object missing for {path} (repository {repo_id})", "EntryNotFound",
                                {"X-Repo-Commit": sha}) from None
+            if len(data) != entry.lfs[1]:  # never served under a size that is not its own (commits refuse such)
+                raise HubError(500, f"LFS object of {path} has {len(data)} bytes, its pointer says {entry.lfs[1]}")
         else:
             data = self.store.read_blob(git_dir, entry.oid)
         size, status, start, end = len(data), 200, 0, len(data)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from sam_testing import config_kwargs, tiny_sam_config
 from transformers import AutoConfig, SamConfig
 
@@ -128,8 +129,27 @@ def test_repository_config_json_is_sam_vit_base_split():
 
 @pytest.mark.parametrize("part", ["vision_config", "prompt_encoder_config", "mask_decoder_config"])
 @pytest.mark.parametrize("eps", [-1.0, 0.0, float("nan"), float("inf")])
-def test_layer_norm_eps_must_be_a_small_positive_number(part, eps):
+def test_layer_norm_eps_must_be_a_finite_positive_number(part, eps):
     kwargs = config_kwargs(tiny_sam_config())
     kwargs[part]["layer_norm_eps"] = eps
-    with pytest.raises(ValueError, match=f"`{part}.layer_norm_eps` = .* expected a small positive number"):
+    with pytest.raises(ValueError, match=f"`{part}.layer_norm_eps` = .* expected a finite positive number"):
         SamSplitConfig(**kwargs)
+
+
+def test_every_value_stock_runs_is_accepted_and_runs_as_stock():
+    """transformers' own SAM tests (test_eager_matches_sdpa_inference_*) set layer_norm_eps = 1.0 in every sub-config;
+    a dropout of 1.0 builds too. The twin takes them and matches stock SamModel on the same weights."""
+    from sam_testing import ATOL, max_abs_diff, random_stock_sam, sample_inputs
+
+    from sam_split import SamSplitModel
+
+    stock_config = tiny_sam_config(layer_norm_eps=1.0, attention_dropout=1.0)
+    stock_config.prompt_encoder_config.layer_norm_eps = 1.0
+    stock_config.mask_decoder_config.layer_norm_eps = 1.0
+    stock = random_stock_sam(stock_config)
+    twin_config = SamSplitConfig(**config_kwargs(stock_config))
+    assert twin_config.vision_config.layer_norm_eps == 1.0 and twin_config.mask_decoder_config.layer_norm_eps == 1.0
+    twin = SamSplitModel.from_sam(stock).eval()
+    inputs = sample_inputs(stock.config)
+    with torch.no_grad():
+        assert max_abs_diff(twin(**inputs).pred_masks, stock(**inputs).pred_masks) <= ATOL

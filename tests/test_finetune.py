@@ -542,7 +542,8 @@ shutil.copytree({str(data["base"])!r}, {str(tmp_path / "base-repo")!r})
 card = ModelCard(f"---\\n{{ModelCardData(license='mit', library_name='transformers').to_yaml()}}\\n---\\n# base\\n")
 card.save({str(tmp_path / "base-repo" / "README.md")!r})
 base_sha = api.upload_folder(repo_id="tester/sam-base", folder_path={str(tmp_path / "base-repo")!r}).oid
-# The adapter repo already holds files of an older upload: the publish must leave exactly the adapter's files.
+# The adapter repo already holds a file of an upload not ours: the publish refuses to delete it unless --replace-all,
+# and then leaves exactly the adapter's files.
 api.create_repo("tester/sam-adapter")
 api.upload_file(repo_id="tester/sam-adapter", path_or_fileobj=b"old", path_in_repo="old/adapter_model.bin")
 os.environ["HF_TOKEN"] = "a-refused-token"  # the push at the end fails; the trained adapter must survive it
@@ -550,11 +551,16 @@ try:
     finetune.main(["--model", "tester/sam-base", "--base-revision", base_sha, "--train-data", {str(data["train"])!r},
                    "--val-data", {str(data["val"])!r}, "--eval-every", "2", "--output-dir", {str(tmp_path / "out")!r},
                    "--max-steps", "2", "--train-decoder", "--lr", "1e-2", "--push-to", "tester/sam-adapter",
-                   *{FAST!r}])
+                   "--replace-all", *{FAST!r}])
 except (SystemExit, ToolError) as error:
     print("PUSH FAILED", error)
 os.environ["HF_TOKEN"] = {token!r}
-model = finetune.main(["--output-dir", {str(tmp_path / "out")!r}, "--publish-only", "--push-to", "tester/sam-adapter"])
+try:
+    finetune.main(["--output-dir", {str(tmp_path / "out")!r}, "--publish-only", "--push-to", "tester/sam-adapter"])
+except ToolError as error:
+    print("REFUSED", error)
+model = finetune.main(["--output-dir", {str(tmp_path / "out")!r}, "--publish-only", "--push-to", "tester/sam-adapter",
+                       "--replace-all"])
 with torch.no_grad():
     logits = model.eval()(**sample_inputs(model.config), multimask_output=False).pred_masks
 torch.save(logits, {str(outputs)!r})
@@ -578,6 +584,8 @@ print("LOCAL CARD", json.dumps(open(hf_hub_download("tester/local-adapter", "REA
         assert failed and "HfHubHTTPError" in failed.group(2) and "401" in failed.group(2), printed[-3000:]
         assert re.search("[Nn]othing was committed", failed.group(2)), failed.group(0)
         assert f"--output-dir {tmp_path / 'out'} --publish-only --push-to tester/sam-adapter" in printed
+        refused = re.search(r"REFUSED (.*)", printed).group(1)
+        assert "no push of sam-split wrote" in refused and "old/adapter_model.bin" in refused, refused
         base_sha = re.search(r"BASE ([0-9a-f]+)", printed).group(1)
         local_config = json.loads(re.search(r"LOCAL CONFIG (.*)", printed).group(1))
         assert (local_config["base_model_name_or_path"], local_config["revision"]) == ("tester/sam-base", base_sha)

@@ -1,6 +1,7 @@
 """What every command-line tool shares: one error type, one runner (one `error:` line and an exit status, temporary
 folders cleaned up on Ctrl-C and SIGTERM), progress lines, and the one resolver of "local path or Hub id"."""
 
+import os
 import re
 import signal
 import sys
@@ -69,6 +70,32 @@ class Location:
         return f"{self.name}@{self.revision}" if self.revision else self.name
 
 
+# The longest name of one file or folder (one part of a path) that Linux, macOS and Windows file systems take, in bytes.
+NAME_MAX = 255
+
+
+def local_path(text: str | os.PathLike, *, flag: str) -> Path:
+    """`text` as a path, `~` / `~user` expanded; a `ToolError` for an unknown user or a part of the path that no file
+    system takes (over NAME_MAX bytes), where the OS would raise mid-way through a tool."""
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "Could not determine home directory": ~user of no such user
+        user = str(text).split("/", 1)[0]
+        raise ToolError(f"{flag} {text}: {user} names no user of this machine (no home folder to expand it to)"
+                        ) from None
+    check_name_lengths(path, flag=flag)
+    return path
+
+
+def check_name_lengths(path: str | os.PathLike, *, flag: str) -> None:
+    """A `ToolError` if a part of `path` is longer than any file system takes (the OS would raise "File name too
+    long" from whichever call touches it first)."""
+    for part in Path(path).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ToolError(f"{flag} {str(path)[:60]}...: a name in it is {len(os.fsencode(part))} bytes long; file "
+                            f"systems take at most {NAME_MAX}")
+
+
 def locate(text: str, revision: str | None = None, *, flag: str = "--model") -> Location:
     """The one resolver of "local path or Hub id" for every tool.
 
@@ -78,13 +105,19 @@ def locate(text: str, revision: str | None = None, *, flag: str = "--model") -> 
     expected, before anything slow starts."""
     if not text or not text.strip():
         raise ToolError(f"{flag} is empty: expected a local folder or a Hub id such as org/name")
-    path = Path(text).expanduser()
+    path = local_path(text, flag=flag)
     written_as_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if path.is_symlink() and not path.exists():  # a dangling link or a loop: local, and broken
+        raise ToolError(f"{flag} {text} is a symbolic link that leads nowhere (its target is missing, or it loops); "
+                        "it is taken as a local path, not a Hub id: fix or remove the link")
     if path.exists() or written_as_path:
         if not path.exists():
             raise ToolError(f"{flag} {text}: no such file or folder")
         if revision is not None:
             raise ToolError(f"{flag} {text} is a local path; a revision is for Hub ids")
+        if not written_as_path:  # it could name a Hub repository too: say which one is used
+            step(f"{flag} {text}: using the local {'folder' if path.is_dir() else 'file'} {path.absolute()} (a path "
+                 f"that exists is taken before a Hub id; write the Hub id from another folder to use the Hub's)")
         return Location("local", text)
     try:
         validate_repo_id(text)

@@ -149,15 +149,37 @@ def hub_failure_types() -> tuple[type[BaseException], ...]:
     return (HfHubHTTPError, HFValidationError, transport_error, OSError, RuntimeError)
 
 
+_hub_timeout: list[float] = []  # the seconds `set_hub_timeout` set, for `hub_timeout`
+
+
+def hub_timeout() -> float | None:
+    """The seconds of the last `set_hub_timeout`, or None."""
+    return _hub_timeout[-1] if _hub_timeout else None
+
+
 def set_hub_timeout(seconds: float) -> None:
     """Make every huggingface_hub request that sets no timeout of its own (uploads, commits, `whoami`, ...) give up
-    after `seconds` without an answer (connecting, sending or waiting for data); by default they wait forever."""
+    after `seconds` without an answer (connecting, sending or waiting for data); by default they wait forever.
+
+    1.x/2.x: a request that passes `timeout=None` itself (every paginated listing does: `list_repo_commits`,
+    `list_repo_tree`) would wait forever on the client's default too, so a request hook puts `seconds` in its place."""
+    _hub_timeout[:] = [seconds]
     if hasattr(utils, "set_client_factory"):  # 1.x / 2.x: one shared httpx client, made by a factory
         from huggingface_hub.utils._http import default_client_factory
+
+        library = _hub_http_library()
+        bounded = library.Timeout(seconds).as_dict()
+
+        def no_unbounded_wait(request):
+            timeouts = request.extensions.get("timeout") or {}
+            request.extensions["timeout"] = {name: bounded[name] if timeouts.get(name) is None else value
+                                             for name, value in {**bounded, **timeouts}.items()}
 
         def client_with_timeout():
             client = default_client_factory()
             client.timeout = seconds
+            client.event_hooks = {**client.event_hooks,
+                                  "request": [*client.event_hooks.get("request", []), no_unbounded_wait]}
             return client
 
         utils.set_client_factory(client_with_timeout)

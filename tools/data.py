@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cli import ToolError
+from .cli import ToolError, local_path
 from .processing import low_res_target, mask_grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -118,9 +118,14 @@ class DataOptions:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of `image`; 16-bit and float images (common in medical data) are min-max scaled to 8 bits first."""
+    """RGB copy of `image`; 16-bit and float images (common in medical data) are min-max scaled to 8 bits first. A
+    float image with NaN or infinite pixels is a `BadSample`: no value for them would be right (NaN became 0)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise BadSample(f"{bad} of its {array.size} pixels are NaN or infinite (a float image): no 8-bit value "
+                            "for them would be right")
         low, high = float(array.min()), float(array.max())
         array = (array - low) / (high - low or 1.0) * 255.0
         image = Image.fromarray(array.round().astype(np.uint8))
@@ -890,7 +895,7 @@ def _dataset_source(spec: str, kind: str, options: DataOptions) -> "DatasetSourc
 def open_source(spec: str, options: DataOptions):
     """The source for `spec`: a folder with images/ + masks/ or labels/, a COCO .json, a `datasets` folder (saved
     with `save_to_disk`, or parquet files) or a Hub dataset id `user/name`. Raises DataError for anything else."""
-    path = Path(spec)
+    path = local_path(spec, flag="data")
     expected = ("expected DIR/images/ with DIR/masks/ (binary masks) or DIR/labels/ (label maps), a COCO instances "
                 ".json, a `datasets` folder (save_to_disk or parquet files) or a Hub dataset id user/name")
     if path.is_file():

@@ -141,11 +141,32 @@ def random_stock_model(size: str):
 
 
 def checkpoint_model_type(name_or_path, revision: str | None = None) -> str | None:
-    """The `model_type` in a checkpoint's config.json (a folder or a Hub id)."""
+    """The `model_type` in a checkpoint's config.json (a folder or a Hub id); a `ValueError` when the config's sizes
+    are another member's (`check_config_body`)."""
     kwargs = {"revision": revision} if revision else {}
     config_dict, _ = transformers.PretrainedConfig.get_config_dict(str(name_or_path), **kwargs)
+    check_config_body(config_dict)
     return config_dict.get("model_type")
 
 
-__all__ = ["MEMBERS", "Member", "RANDOM_PREFIX", "checkpoint_model_type", "member_for_config", "member_for_model_type",
-           "member_for_random", "random_names", "random_stock_model", "randomize_"]
+# A field that only one member's config has, and the member's stock model_type.
+_OWN_FIELDS = (("vision_config", "backbone_config", "sam2"), ("mask_decoder_config", "vit_dim", "sam_hq"),
+               ("vision_config", "global_attn_indexes", "sam"))
+
+
+def check_config_body(config_dict: dict) -> None:
+    """A `ValueError` when a config.json of the family says one member in `model_type` ("sam2", "sam2_split", ...)
+    and holds another's sizes (e.g. SAM-HQ's with model_type "sam2", which would fail deep inside transformers)."""
+    model_type = str(config_dict.get("model_type"))
+    said = next((member for member in MEMBERS if model_type in member.stock_types
+                 or model_type == member.twin.config_class.model_type), None)
+    held = next((stock for part, field, stock in _OWN_FIELDS if field in (config_dict.get(part) or {})), None)
+    if said is None or held is None or held in said.stock_types:
+        return
+    holder = member_for_model_type(held)
+    raise ValueError(f"this is a {holder.name} checkpoint: its config.json holds {holder.name}'s sizes but says "
+                     f"model_type {model_type!r} ({said.name}); correct its model_type")
+
+
+__all__ = ["MEMBERS", "Member", "RANDOM_PREFIX", "check_config_body", "checkpoint_model_type", "member_for_config",
+           "member_for_model_type", "member_for_random", "random_names", "random_stock_model", "randomize_"]

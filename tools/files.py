@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .cli import ToolError
+from .cli import ToolError, check_name_lengths
 
 # The file that marks a shared build folder as this tool's own: only a folder holding it is ever removed.
 BUILD_MARK = ".sam-split-build"
@@ -21,6 +21,7 @@ def check_new_folder(path: Path, *, flag: str = "--output-dir", empty: bool = Tr
     """A `ToolError` unless `path` can become an output folder: absent or an empty folder, in a place this process may
     write to. Creates nothing; run it before anything slow (`atomic_output_dir` checks again at the end, since a user
     may put files there meanwhile). `empty=False`: an existing folder may hold files (a run that is resumed)."""
+    check_name_lengths(path, flag=flag)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ToolError(f"{flag} {path} exists and is not a folder; choose a new folder")

@@ -14,8 +14,9 @@ import transformers
 from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-from .cli import Location, ToolError, locate
+from .cli import Location, ToolError, local_path, locate
 from .compat import hub_failure_types
+from .family import check_config_body
 from .processing import load_model as load_family_model
 
 # The split-q/k/v twins' model_types, each with the stock model_types push.py converts into it.
@@ -68,7 +69,7 @@ def _locate_files(text: str, revision: str | None, flag: str, revision_flag: str
             return location, _cached_files(location, flag, revision_flag)
         sha, files = _hub_listing(location, flag, revision_flag)
         return Location("hub", location.name, sha), files
-    path = Path(text).expanduser().resolve()
+    path = local_path(text, flag=flag).resolve()
     if not path.is_dir():
         raise ToolError(f"{flag} {text} is a file; expected a folder or a Hub id")
     return Location("local", str(path)), {child.name for child in path.iterdir()}
@@ -95,7 +96,15 @@ def resolve_model(text: str, revision: str | None, *, flag: str = "--model",
                             "its merged model (finetune.py --merge-to-sam, then push.py)")
         raise ToolError(f"{flag} {text} holds no config.json: expected a SamSplitModel folder or Hub id (made by "
                         "push.py or SamSplitModel.save_pretrained)")
-    model_type = _read_json(location, "config.json", flag).get("model_type")
+    config = _read_json(location, "config.json", flag)
+    model_type = config.get("model_type")
+    try:
+        check_config_body(config)
+    except ValueError as error:
+        raise ToolError(f"{flag} {text}: {error}") from None
+    if model_type is None:
+        raise ToolError(f"{flag} {text}: its config.json has no model_type, so it is no transformers model; expected "
+                        "a SamSplitModel folder or Hub id (made by push.py or SamSplitModel.save_pretrained)")
     if model_type in STOCK_MODEL_TYPES:
         raise ToolError(f"{flag} {text} is a stock {STOCK_NAMES[model_type]} checkpoint (fused qkv): convert it first "
                         f"with `python push.py --source {text} --output-dir DIR --no-push` and pass DIR")
@@ -137,12 +146,81 @@ def load_model(location: Location):
         raise ToolError(f"cannot load the model {location}: {_first_line(error)}") from None
 
 
-def load_adapter(base, location: Location):
-    """`base` with the adapter at `location` on top (a `PeftModel`, for inference)."""
-    from peft import PeftModel
+# Where finetune.py records the model_type of the base an adapter was trained on: a key of the adapter config's
+# `auto_mapping`, a dict PEFT keeps as it is (it reads only its `base_model_class` and `parent_library`).
+BASE_MODEL_TYPE_KEY = "sam_split_base_model_type"
 
+
+def twin_name(model_type: str | None) -> str:
+    """'the SAM twin (sam_split)' for a twin's model_type; the model_type itself for anything else."""
+    stocks = MODEL_TYPES.get(model_type)
+    return f"the {STOCK_NAMES[stocks[0]]} twin ({model_type})" if stocks else repr(model_type)
+
+
+def adapter_model_type(config: dict) -> str | None:
+    """The model_type of the base an adapter was trained on, where its config records it (finetune.py does)."""
+    return (config.get("auto_mapping") or {}).get(BASE_MODEL_TYPE_KEY)
+
+
+def _check_adapter_weights(weights: dict, about: str) -> None:
+    """A `ToolError` unless the adapter's weights are finite and change the model: a LoRA whose every B matrix is
+    zero (and that saves no other weights) adds nothing."""
+    not_finite = [name for name, tensor in weights.items() if tensor.is_floating_point()
+                  and not bool(tensor.isfinite().all())]
+    if not_finite:
+        raise ToolError(f"{about}: its weights are not finite (NaN or infinite in {len(not_finite)} tensors, e.g. "
+                        f"{not_finite[0]}); refusing to apply it")
+    changing = [name for name in weights if "lora_A" not in name and "lora_embedding_A" not in name]
+    if changing and all(("lora_B" in name or "lora_embedding_B" in name) and not bool(weights[name].any())
+                        for name in changing):
+        raise ToolError(f"{about}: every LoRA B matrix is zero, so the adapter does not change the model (an "
+                        "untrained adapter?); refusing to apply it")
+
+
+def load_adapter(base, location: Location, *, allow_other_base: bool = False):
+    """`base` with the adapter at `location` on top (a `PeftModel`, for inference): applied in full or refused.
+
+    Refused (`ToolError`, naming the adapter's recorded base and the model): an adapter whose config records another
+    twin than `base`'s (unless `allow_other_base`), weights that are not finite or change nothing, and any weight that
+    lands in no module of `base` or has another shape there (PEFT's own missing/unexpected key report of the load;
+    PEFT only warns)."""
+    from peft import PeftConfig, PeftModel
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    config = _read_json(location, "adapter_config.json", "--adapter")
+    model_type = getattr(base.config, "model_type", None)
+    trained_on = config.get("base_model_name_or_path") or "a base it does not name"
+    recorded = adapter_model_type(config)
+    about = (f"the adapter {location} (trained on {trained_on}"
+             f"{', ' + twin_name(recorded) if recorded else ''}) on the model {base.name_or_path} "
+             f"({twin_name(model_type)})")
+    if recorded and recorded != model_type and not allow_other_base:
+        raise ToolError(f"{about}: the adapter was trained on another family member; pass --allow-other-base to "
+                        "apply it anyway (where its weights fit)")
+    hub_kwargs = {"revision": location.revision} if location.revision else {}
     try:
-        return PeftModel.from_pretrained(base, location.name, revision=location.revision)
+        peft_config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(location.name, **hub_kwargs)] \
+            .from_pretrained(location.name, **hub_kwargs)
+        weights = load_peft_weights(location.name, device="cpu", **hub_kwargs)
     except (ValueError, KeyError, *hub_failure_types()) as error:
         raise ToolError(f"cannot load the adapter {location}: {_first_line(error)}") from None
-
+    _check_adapter_weights(weights, about)
+    peft_config.inference_mode = True
+    try:
+        model = PeftModel(base, peft_config)
+        result = set_peft_model_state_dict(model, weights)
+    except (ValueError, KeyError, RuntimeError) as error:  # no target module, or a weight of another shape
+        mismatched = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        reason = (f"{len(mismatched)} weights have another shape there, e.g. {mismatched[0]}" if mismatched
+                  else _first_line(error))
+        raise ToolError(f"{about}: it does not fit the model ({reason})") from None
+    # The report lists every weight of the base as missing too: only the adapter's own ones (named "...default...")
+    # count. Any unexpected key is a weight of the adapter that landed in no module.
+    missing = [key for key in result.missing_keys if ".default." in key or key.endswith(".default")]
+    if missing or result.unexpected_keys:
+        found = [f"{len(result.unexpected_keys)} of its weights land in no module of the model (e.g. "
+                 f"{result.unexpected_keys[0]})"] if result.unexpected_keys else []
+        found += [f"{len(missing)} adapter weights of the model are not in it (e.g. {missing[0]})"] if missing else []
+        raise ToolError(f"{about}: it does not fit the model: {'; '.join(found)}")
+    return model.eval()
