@@ -26,7 +26,9 @@ from sam_split import SamSplitModel, evaluate, finetune
 from sam_split.tools import segmentation
 from sam_split.tools.cli import ToolError, run_tool
 from sam_split.tools.data import DataError, DataOptions, open_source, scan
+from sam_split.tools.family import trainable_
 from sam_split.tools.processing import model_processor
+from sam_split.tools.synthetic import write_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,39 +52,9 @@ def refuse_to_load(*args, **kwargs):
 FAST = ["--num-workers", "0", "--batch-size", "4"]
 
 
-def write_shapes(root: Path, count: int, seed: int, size: int = 64) -> Path:
-    """`count` noisy grey images, each with one bright disc or rectangle, and its 0/255 mask as `<name>_0.png`."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rows, cols = np.mgrid[:size, :size]
-    for i in range(count):
-        image = rng.normal(60, 25, (size, size, 3))
-        center_row, center_col = rng.integers(16, size - 16, 2)
-        radius = int(rng.integers(6, 14))
-        if i % 2:
-            mask = (rows - center_row) ** 2 + (cols - center_col) ** 2 <= radius**2
-        else:
-            mask = (abs(rows - center_row) <= radius) & (abs(cols - center_col) <= radius * 0.7)
-        image[mask] += 130
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / f"img{i:02d}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"img{i:02d}_0.png")
-    return root
-
-
 def trainable_random_sam() -> SamSplitModel:
-    """Random weights a few dozen steps can learn from: `random_stock_sam`, but layer norms at identity and point
-    frequencies of order 1 (N(0, 0.05) ones make every prompt look alike)."""
-    sam = random_stock_sam(tiny_sam_config())
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in sam.modules():
-            if "LayerNorm" in type(module).__name__:
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-        embedding = sam.shared_image_embedding.positional_embedding
-        embedding.copy_(torch.randn(embedding.shape, generator=generator))
-    return SamSplitModel.from_sam(sam)
+    """Random weights a few dozen steps can learn from (`family.trainable_`, as `random:` sources are built)."""
+    return SamSplitModel.from_sam(trainable_(random_stock_sam(tiny_sam_config())))
 
 
 @pytest.fixture(scope="module")
