@@ -970,6 +970,11 @@ def finish_reports(output_dir: Path, metrics_path: Path, best_step: int | None, 
     (output_dir / "eval_results.json").write_text(json.dumps(
         {"base": {"step": min(evaluations), **base}, "fine_tuned": {"step": tuned_step, **tuned}}, indent=1))
     log(side_by_side(base, tuned, tuned_step))
+    first, last = evaluations[min(evaluations)], evaluations[max(evaluations)]
+    if last["step"] > first["step"] and all(first[key] == last[key] for key in ("val_dice", "val_iou", "val_loss")):
+        log(f"validation has not moved at all: step {last['step']} scores exactly as step {first['step']} (Dice, IoU "
+            "and loss equal to every digit), so training has not changed the predicted masks; raise --lr, train "
+            "longer (--max-steps) or add --train-decoder")
     return tuned
 
 

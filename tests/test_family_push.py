@@ -112,12 +112,12 @@ def test_random_names_cover_every_member_and_keep_the_old_ones():
 
 @pytest.mark.parametrize("size", ["sam-tiny", "sam-hq-tiny", "sam2.1-tiny"])
 def test_each_member_has_a_tiny_random_size_that_runs(size):
-    """`random:` sizes small enough to fine-tune in minutes on a CPU (256x256 images, under 1.5 M parameters), one
+    """`random:` sizes small enough to fine-tune in minutes on a CPU (256x256 images, under 2 M parameters), one
     per member; the twin equals the stock model on them."""
     from sam_split.tools.family import member_for_random, random_stock_model
 
     member, stock = random_stock_model(size)
-    assert member is member_for_random(size) and sum(p.numel() for p in stock.parameters()) < 1_500_000
+    assert member is member_for_random(size) and sum(p.numel() for p in stock.parameters()) < 2_000_000
     assert stock.config.prompt_encoder_config.image_size == 256
     twin = member.twin.from_stock(stock)
     inputs = verification_inputs(stock.config)

@@ -125,14 +125,15 @@ def test_loading_it_logs_no_deprecation(sam2_repo, tmp_path):
 
 @pytest.mark.slow
 def test_auto_processor_loads_it_from_a_pushed_repository_without_torchvision(tmp_path):
-    """push.py publishes a SAM 2.1 twin to the test Hub; a fresh process without torchvision loads its processor
-    pinned to the commit."""
+    """push.py publishes a SAM 2.1 twin to the test Hub (without HF_HUB_DISABLE_XET); a fresh process without
+    torchvision loads its processor pinned to the commit."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
     with HubServer(tmp_path / "hub", token=TOKEN) as hub:
         env = hub_env(hub.url, tmp_path / "push-home", token=TOKEN)
+        del env["HF_HUB_DISABLE_XET"]  # not needed for this Hub (README "Publish with push.py")
         result = subprocess.run([sys.executable, str(root / "push.py"), "--source", "random:sam2.1-tiny", "--repo-id",
                                  "tester/sam2-tiny-split"], env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
