@@ -106,9 +106,13 @@ for name, code in blocks.items():
         continue
     code = code.replace("<commit sha>", BASE_SHA)
     scope = {"BASE_SHA": BASE_SHA, "ADAPTER_SHA": ADAPTER_SHA}
-    if name == "compile":
+    if name == "compile":  # a one-line fragment: the model and torch from the blocks before it
+        import torch
+        scope["torch"] = torch
         scope["model"] = AutoModel.from_pretrained("my-org/sam-vit-base-split", trust_remote_code=True,
                                                    revision=BASE_SHA)
+    if name == "sam3 target":  # a one-line fragment: LoraConfig as the blocks before it import it
+        scope["LoraConfig"] = LoraConfig
     exec(compile(code, f"README.md ({name})", "exec"), scope)
     print("RAN", name)
 """
