@@ -119,10 +119,14 @@ def test_each_member_has_a_tiny_random_size_that_runs(size):
     member, stock = random_stock_model(size)
     assert member is member_for_random(size) and sum(p.numel() for p in stock.parameters()) < 2_000_000
     assert stock.config.prompt_encoder_config.image_size == 256
-    twin = member.twin.from_stock(stock)
+    twin = member.twin.from_stock(stock).eval()
     inputs = verification_inputs(stock.config)
-    differences = max_differences(sam_outputs(twin, inputs), sam_outputs(stock, inputs))
-    assert max(differences.values()) <= ATOL
+    expected = sam_outputs(stock, inputs)
+    differences = max_differences(sam_outputs(twin, inputs), expected)
+    # transformers 4.57's stock Sam2Model differs from itself between two identical calls (its mask decoder; 0.0 on
+    # 5.23); these larger weights make that 4e-4: the twin must be within ATOL or twice stock's own difference.
+    noise = max(max_differences(sam_outputs(stock, inputs), expected).values())
+    assert max(differences.values()) <= max(ATOL, 2 * noise), (differences, noise)
 
 
 def test_onnx_for_a_member_without_an_onnx_layout_is_refused_before_conversion(tmp_path):
