@@ -590,7 +590,8 @@ print("DIFF", (logits - torch.load({str(outputs)!r})).abs().max().item())
     card = json.loads(re.search(r"CARD (.*)", printed).group(1))
     assert card["base_model"] == "tester/sam-base" and card["license"] == "mit" and card["library_name"] == "peft"
     [result] = card["model-index"][0]["results"]
-    assert result["dataset"]["name"] == f"{data['val'].parent.name}/val" and [m["type"] for m in result["metrics"]] == ["dice", "iou"]
+    assert result["dataset"]["name"] == f"{data['val'].parent.name}/val"
+    assert [m["type"] for m in result["metrics"]] == ["dice", "iou"]
     assert 0 <= result["metrics"][0]["value"] <= 1
 
 
