@@ -163,7 +163,8 @@ def test_python_blocks_run_as_written_against_the_test_hub(tmp_path):
         names = {"uploads": folders, "auto_mapping": finetune.AUTO_MAPPING}
         result = subprocess.run(
             [sys.executable, "-c", CHILD, json.dumps(blocks), json.dumps(names), "1" if torchvision else "0"],
-            cwd=tmp_path / "work", capture_output=True, text=True, timeout=900, env=hub_env(hub.url, tmp_path / "home", token=TOKEN))
+            cwd=tmp_path / "work", capture_output=True, text=True, timeout=900,
+            env=hub_env(hub.url, tmp_path / "home", token=TOKEN))
     assert result.returncode == 0, result.stderr[-4000:]
     ran = re.findall(r"^RAN (.*)$", result.stdout, flags=re.M)
     assert ran == [name for name in HUB_BLOCKS if torchvision or name != "pipeline"], result.stdout
