@@ -50,3 +50,16 @@ def register_for_mask_generation(model_type: str, class_name: str) -> None:
     names = getattr(modeling_auto, "MODEL_FOR_MASK_GENERATION_MAPPING_NAMES", None)
     if isinstance(names, dict):
         names.setdefault(model_type, class_name)
+
+
+def accept_any_image_processor(processor_class: type) -> type:
+    """Let `processor_class` (a `ProcessorMixin`) take and load any image processor, e.g. one from the repository's
+    own `auto_map`. 4.57 checks the image processor against, and loads it as, the class attribute
+    `image_processor_class` (`Sam2Processor`: the torchvision-only `Sam2ImageProcessorFast`), so it is widened to
+    "AutoImageProcessor" there; 5.x already loads it with `AutoImageProcessor` and checks only for an image processor,
+    and warns that the attribute is deprecated, so it is not set there."""
+    from transformers import processing_utils
+
+    if not hasattr(processing_utils, "MODALITY_TO_AUTOPROCESSOR_MAPPING"):  # 4.x
+        processor_class.image_processor_class = "AutoImageProcessor"
+    return processor_class

@@ -31,6 +31,23 @@ SAM2_SIZES = {
     "hiera-base-plus": _hiera(112, 2, [2, 3, 16, 3], [12, 16, 20], background=(14, 14)),
     "hiera-large": _hiera(144, 2, [2, 6, 36, 4], [23, 33, 43], window_size_per_stage=(8, 4, 16, 8)),
 }
+# Not a released size: a small SAM 2 (256x256 images, Hiera widths 32-256, every block kind: windowed, global and
+# stage-start blocks that pool the query) that fine-tunes in minutes on a 2-core CPU, for trying the tools end to end
+# (`random:sam2.1-tiny`). Complete config arguments, as its neck, prompt encoder and mask decoder are small too.
+SAM2_TINY = dict(
+    vision_config=dict(
+        backbone_config=dict(
+            model_type="sam2_hiera_det_model", hidden_size=32, num_attention_heads=1, image_size=[256, 256],
+            blocks_per_stage=[1, 2, 3, 1], embed_dim_per_stage=[32, 64, 128, 256],
+            num_attention_heads_per_stage=[1, 2, 4, 8], window_size_per_stage=[8, 4, 8, 8],
+            global_attention_blocks=[5], window_positional_embedding_background_size=[8, 8],
+        ),
+        backbone_channel_list=[256, 128, 64, 32], backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
+        fpn_hidden_size=64,
+    ),
+    prompt_encoder_config=dict(hidden_size=64, image_size=256, patch_size=16),
+    mask_decoder_config=dict(hidden_size=64, num_attention_heads=4, mlp_dim=256, iou_head_hidden_dim=64),
+)
 
 # Written into every saved config.json, so that the repository loads its own copy of the code (a fork or a pinned
 # revision runs the code that sits beside its weights).
@@ -63,4 +80,4 @@ class Sam2SplitConfig(Sam2Config):
         super().__init__(*args, **kwargs)
 
 
-__all__ = ["SAM2_SIZES", "Sam2SplitConfig"]
+__all__ = ["SAM2_SIZES", "SAM2_TINY", "Sam2SplitConfig"]

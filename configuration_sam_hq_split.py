@@ -26,6 +26,14 @@ SAM_HQ_SIZES = {
         mask_decoder_config=dict(vit_dim=1280),
     ),
 }
+# Not a released size: SAM's `random:sam-tiny` (256x256 images, 4 vision layers 64 wide) with SAM-HQ's mask decoder,
+# which fine-tunes in minutes on a 2-core CPU (`random:sam-hq-tiny`).
+SAM_HQ_TINY = dict(
+    vision_config=dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=256, patch_size=16,
+                       window_size=8, global_attn_indexes=[1, 3], output_channels=64, num_pos_feats=32, mlp_dim=256),
+    prompt_encoder_config=dict(hidden_size=64, image_size=256, patch_size=16),
+    mask_decoder_config=dict(hidden_size=64, num_attention_heads=4, mlp_dim=256, iou_head_hidden_dim=64, vit_dim=64),
+)
 
 # Written into every saved config.json, so that the repository loads its own copy of the code (a fork or a pinned
 # revision runs the code that sits beside its weights).
@@ -67,4 +75,4 @@ class SamHQSplitConfig(SamHQConfig):
             )
 
 
-__all__ = ["SAM_HQ_SIZES", "SamHQSplitConfig"]
+__all__ = ["SAM_HQ_SIZES", "SAM_HQ_TINY", "SamHQSplitConfig"]

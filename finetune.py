@@ -23,12 +23,13 @@ printed and skipped (`--strict-data` makes them errors), so no bad sample can st
 
 OUT receives the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`, a model card), loadable with
 `PeftModel.from_pretrained(base, OUT)` or `AutoPeftModel.from_pretrained(OUT, trust_remote_code=True)`; its config
-records the base repository and the resolved commit sha of the base. `OUT/checkpoints/step-N` hold
-`accelerator.save_state` checkpoints (trainable weights, optimizer, scheduler, step); `--resume` continues the same run:
-same steps, same data order, same weights. `OUT/metrics.jsonl` logs the training loss per step and each validation;
-`OUT/eval_results.json` puts the base model's scores next to the fine-tuned ones; `OUT/overlays/step-N/` shows ground
-truth and prediction on a fixed set of validation images; `OUT/curves.png` plots loss, learning rate, Dice and IoU;
-`OUT/run.json` says whether the run finished and which step the adapter is from (`--publish-only` reads it).
+records the base repository and the resolved commit sha of the base. `OUT/checkpoints/step-NNNNNNNN` (8 digits)
+hold `accelerator.save_state` checkpoints (trainable weights, optimizer, scheduler, step; the newest 2 are kept);
+`--resume` continues the same run: same steps, same data order, same weights. `OUT/metrics.jsonl` logs the training
+loss per step and each validation; `OUT/eval_results.json` puts the base model's scores next to the fine-tuned ones;
+`OUT/overlays/step-NNNNNNNN/` shows ground truth and prediction on a fixed set of validation images; `OUT/curves.png`
+plots loss, learning rate, Dice and IoU; `OUT/run.json` says whether the run finished and which step the adapter is
+from (`--publish-only` reads it).
 
 `main` reads top to bottom as transformers' `run_*_no_trainer.py` scripts do: settings (`parse_args`, every flag
 checked), base model and data (checked and scanned before the weights load), model, optimizer, resume, the training
@@ -59,7 +60,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from sam_split.tools.adapter_card import adapter_notes, base_license, hub_dataset, model_card
+from sam_split.tools.adapter_card import adapter_notes, base_license, data_description, hub_dataset, model_card
 from sam_split.tools.arguments import add_loader_arguments, add_model_arguments, add_prompt_arguments, integer, number
 from sam_split.tools.cli import Location, ToolError, check_name_lengths, locate, run_tool
 from sam_split.tools.compat import set_hub_timeout
@@ -84,6 +85,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md"
 RUN_RECORD = "run.json"  # OUT/run.json: the run's settings, whether it finished, the adapter's step
 DECODER = "mask_decoder"
 HUB_TIMEOUT_S = 60  # an unanswered Hub request fails after this long instead of hanging the run
+DEFAULT_MAX_STEPS = 1000  # --max-steps when none is given: the startup lines say how many epochs that is
 # Scores `--metric-for-best` can choose from (all from full-resolution validation); lower is better only for loss.
 BEST_METRICS = ("dice", "iou", "image_dice", "image_iou", "loss")
 # A validation's scores, stored in metrics.jsonl as `val_<name>` (`validation_entry` / `validation_scores`).
@@ -165,13 +167,18 @@ def keep_trainable_weights(models, weights, output_dir):
         weights[i] = {name: tensor for name, tensor in weights[i].items() if name in names}
 
 
+def step_folder(step: int) -> str:
+    """The name of a step's checkpoint and overlay folders: `step-00000200` (8 digits, so names sort by step)."""
+    return f"step-{step:08d}"
+
+
 def save_checkpoint(accelerator, model, output_dir: Path, step: int, keep: int, run: dict):
-    """Save the run's state as CHECKPOINTS/step-N through the atomic writer, so a folder named step-N is always
-    complete (a full disk is one line and leaves none); the processes of a distributed run write into one build
+    """Save the run's state as CHECKPOINTS/step-NNNNNNNN through the atomic writer, so a folder with such a name is
+    always complete (a full disk is one line and leaves none); the processes of a distributed run write into one build
     folder (each saves its own RNG state), then the oldest checkpoints beyond `keep` go."""
     if not all_finite(trainable_state(model).values()):  # never a checkpoint that --resume would diverge from
         raise ToolError(f"trainable weights are not finite at step {step}; not saving a checkpoint")
-    final = output_dir / CHECKPOINTS / f"step-{step:08d}"
+    final = output_dir / CHECKPOINTS / step_folder(step)
     shared = accelerator.wait_for_everyone if accelerator.num_processes > 1 else None
     try:
         with atomic_output_dir(final, existing="replace", prefix=f".{final.name}-", flag="checkpoint", shared=shared,
@@ -297,7 +304,7 @@ def write_card(output_dir: Path, record: dict, base: Location, repo_name: str, l
     hyperparameters = {"steps": record.get("steps"), **record.get("hyperparameters", {})}
     datasets = [hub_dataset(record.get("train_data")), hub_dataset(record.get("val_data"))]
     return model_card(base, repo_name, base_license(base.name, base.revision), datasets, record.get("val_data"),
-                      results, hyperparameters, adapter_notes(record))
+                      results, hyperparameters, adapter_notes(record), record.get("data"))
 
 
 def save_adapter(model, output_dir: Path, card: str):
@@ -505,7 +512,8 @@ def add_lora_arguments(parser) -> None:
 
 def add_training_arguments(parser) -> None:
     train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=integer(1), help="optimizer steps (required unless --publish-only)")
+    train.add_argument("--max-steps", type=integer(1), default=DEFAULT_MAX_STEPS,
+                       help=f"optimizer steps (default {DEFAULT_MAX_STEPS}; the startup lines say how many epochs)")
     train.add_argument("--gradient-accumulation-steps", type=integer(1), default=1)
     train.add_argument("--lr", type=number(0, 1, above=True), default=1e-4,
                        help="AdamW learning rate, in (0, 1] (LoRA usually takes 1e-5 to 1e-2)")
@@ -594,7 +602,7 @@ def check_settings(args) -> str | None:
         return None
     if args.allow_unfinished:
         return "--allow-unfinished is for --publish-only"
-    missing = [f"--{name.replace('_', '-')}" for name in ("model", "train_data", "max_steps")
+    missing = [f"--{name.replace('_', '-')}" for name in ("model", "train_data")
                if getattr(args, name) is None]
     if missing:
         return f"the following arguments are required: {', '.join(missing)}"
@@ -745,11 +753,15 @@ def run_settings(settings, base: Location, num_images: int, num_processes: int) 
     }
 
 
-def run_record(settings, run: dict) -> dict:
+def run_record(settings, run: dict, train_set, validation) -> dict:
     """OUT/run.json at the start: not finished, no adapter yet; `finish` completes it."""
+    data = {"train": data_description(settings.train_data, settings.data_revision, settings.train_split,
+                                      train_set.source)}
+    if validation is not None:
+        data["val"] = data_description(settings.val_data, settings.data_revision, settings.val_split, validation.source)
     return {"finished": False, "max_steps": settings.max_steps, "steps": None, "adapter_step": None,
             "metric_for_best": settings.metric_for_best, "train_decoder": settings.train_decoder,
-            "train_data": settings.train_data, "val_data": settings.val_data,
+            "train_data": settings.train_data, "val_data": settings.val_data, "data": data,
             "hyperparameters": {k: v for k, v in run.items() if k not in ("model", "revision", "train_data")}}
 
 
@@ -770,12 +782,15 @@ def start(session: Session, resume_from: str | None, metric_for_best: str | None
 
 
 def training_batches(accelerator, train_set, batch_size: int, num_workers: int, seed: int, accumulation: int,
-                     start_step: int, log):
+                     start_step: int, max_steps: int, log):
     sampler = StreamBatchSampler(len(train_set), batch_size, accelerator.num_processes, accelerator.process_index,
                                  seed, start=start_step * accumulation)
+    steps_per_epoch = sampler.batches_per_epoch / accumulation
     log(f"{accelerator.num_processes} process(es) x batch {batch_size} images x {accumulation} accumulation = "
         f"{batch_size * accelerator.num_processes * accumulation} images per step, up to "
-        f"{train_set.objects_per_image} objects each; {sampler.batches_per_epoch / accumulation:.1f} steps per epoch")
+        f"{train_set.objects_per_image} objects each; {steps_per_epoch:.1f} steps per epoch")
+    log(f"training runs {max_steps} steps (--max-steps) = {max_steps / steps_per_epoch:.1f} epochs"
+        + (f", from step {start_step}" if start_step else ""))
     return iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                                             num_workers=num_workers))
 
@@ -841,7 +856,7 @@ def draw_overlay(validation: Validation, folder: Path, record: dict, predicted, 
 def validate(session: Session, validation: Validation) -> tuple[dict, Path]:
     """Score the model on the validation data (a progress bar per validation): (metrics entry, overlay folder)."""
     accelerator, step = session.accelerator, session.state.step
-    overlay_dir = session.output_dir / "overlays" / f"step-{step:08d}"
+    overlay_dir = session.output_dir / "overlays" / step_folder(step)
     names = [ref.name for ref in validation.dataset.images]
     loader = tqdm(validation.loader, desc=f"validation at step {step}", unit="batch", leave=False,
                   disable=not accelerator.is_local_main_process)
@@ -976,6 +991,11 @@ def finish_reports(output_dir: Path, metrics_path: Path, best_step: int | None, 
     (output_dir / "eval_results.json").write_text(json.dumps(
         {"base": {"step": min(evaluations), **base}, "fine_tuned": {"step": tuned_step, **tuned}}, indent=1))
     log(side_by_side(base, tuned, tuned_step))
+    first, last = evaluations[min(evaluations)], evaluations[max(evaluations)]
+    if last["step"] > first["step"] and all(first[key] == last[key] for key in ("val_dice", "val_iou", "val_loss")):
+        log(f"validation has not moved at all: step {last['step']} scores exactly as step {first['step']} (Dice, IoU "
+            "and loss equal to every digit), so training has not changed the predicted masks; raise --lr, train "
+            "longer (--max-steps) or add --train-decoder")
     return tuned
 
 
@@ -1011,13 +1031,14 @@ def main(argv=None) -> PeftModel:
     accelerator.register_for_checkpointing(scheduler, state)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
     run = run_settings(settings, base, len(train_set), accelerator.num_processes)
-    session = Session(accelerator, model, optimizer, scheduler, state, output_dir, run, run_record(settings, run), log)
+    record = run_record(settings, run, train_set, validation)
+    session = Session(accelerator, model, optimizer, scheduler, state, output_dir, run, record, log)
     start(session, settings.resume, settings.metric_for_best)
     if settings.trackers:
         accelerator.init_trackers("finetune", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                       for k, v in run.items()})
     batches = training_batches(accelerator, train_set, settings.batch_size, settings.num_workers, settings.seed,
-                               settings.gradient_accumulation_steps, state.step, log)
+                               settings.gradient_accumulation_steps, state.step, settings.max_steps, log)
     recipe = Recipe(settings.loss, settings.iou_loss_weight, settings.gradient_accumulation_steps,
                     settings.max_grad_norm, settings.seed, settings.hq_token_only)
     schedule = Schedule(settings.max_steps, settings.eval_every, settings.save_every, settings.keep_checkpoints,

@@ -39,7 +39,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from sam_split.split_qkv import describe_left_out
 from sam_split.tools import onnx_export
 from sam_split.tools.cli import ToolError, check_repo_id, check_revision, local_path, parse_size, run_tool, step
-from sam_split.tools.compat import hub_failure_types, set_hub_timeout
+from sam_split.tools.compat import hub_failure_types, set_hub_timeout, with_shipped_processor
 from sam_split.tools.family import (
     RANDOM_PREFIX,
     Member,
@@ -110,8 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--source", required=True,
         help="stock SAM, SAM-HQ or SAM 2/2.1 (image or video) checkpoint: a Hub model id, a local folder, or "
              "random:<size> for a randomly initialised model (demonstration only: its masks mean nothing), "
-             "<size> one of sam-vit-base|large|huge, sam-tiny (small, fine-tunes in minutes on a CPU), "
-             "sam-hq-vit-base|large|huge, sam2.1-hiera-tiny|small|base-plus|large (vit-base|large|huge: SAM's)",
+             "<size> one of sam-vit-base|large|huge, sam-hq-vit-base|large|huge, "
+             "sam2.1-hiera-tiny|small|base-plus|large (vit-base|large|huge: SAM's), or the small sam-tiny, "
+             "sam-hq-tiny, sam2.1-tiny (256x256 images: each fine-tunes in minutes on a CPU)",
     )
     source.add_argument("--source-revision", help="branch, tag or commit of a Hub --source")
     source.add_argument("--allow-pickle", action="store_true",
@@ -225,14 +226,27 @@ def source_file(source: Source, name: str) -> Path | None:
         raise hub_failure(f"--source {source}: downloading {name} failed", error) from error
 
 
-def write_processor_files(source: Source, destination: Path, default: dict) -> None:
+def write_processor_files(source: Source, destination: Path, member: Member, config) -> None:
     """Copy the source's processor configuration, so `AutoProcessor.from_pretrained(repo)` works on the result; a
-    source without one gets `default` (the family's standard preprocessing)."""
+    source without one gets the member's standard preprocessing. A member that ships its own processor (SAM 2: one
+    without torchvision) gets its code file and `auto_map` in every processor config, for
+    `AutoProcessor.from_pretrained(repo, trust_remote_code=True)`; the stock names stay, for loading without it."""
     found = {name: path for name in PROCESSOR_FILES if (path := source_file(source, name)) is not None}
-    for name, path in found.items():
-        shutil.copyfile(path, destination / name)
+    auto_map = member.processor_auto_map
     if not found:
-        (destination / "preprocessor_config.json").write_text(json.dumps(default, indent=2) + "\n")
+        found = {"preprocessor_config.json": member.processor_config(config)}
+    for name, path_or_contents in found.items():
+        if not auto_map and isinstance(path_or_contents, Path):  # copied as it is
+            shutil.copyfile(path_or_contents, destination / name)
+            continue
+        contents = json.loads(path_or_contents.read_text()) if isinstance(path_or_contents, Path) else path_or_contents
+        if auto_map:
+            contents = with_shipped_processor(contents, auto_map)
+        (destination / name).write_text(json.dumps(contents, indent=2) + "\n")
+    for processor in (member.processors or {}).values():
+        code = sys.modules[processor.__module__].__file__
+        for path in [code, *get_relative_import_files(code)]:
+            shutil.copyfile(path, destination / Path(path).name)
 
 
 def code_files(twin: type) -> list[str]:
@@ -308,7 +322,7 @@ def build(loaded: Loaded, source: Source, folder: Path, repo_name: str, max_shar
     model = loaded.member.twin.from_stock(loaded.model)
     step(f"Writing the repository (weights in shards of at most {max_shard_size})")
     model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
-    write_processor_files(source, folder, loaded.member.processor_config(model.config))
+    write_processor_files(source, folder, loaded.member, model.config)
     files = sorted(path.name for path in folder.glob("*.py"))
     (folder / "README.md").write_text(model_card(source, repo_name, model.config, files, loaded.left_out))
     if onnx:

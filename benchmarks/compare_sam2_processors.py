@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""SAM 2's image processor (transformers', torchvision-only) against the tools' PIL stand-in
-(`sam_split.tools.compat.Sam2ImageProcessorPil`), on the same images, masks and prompts: pixel values (in grey levels),
-segmentation-map labels, prompt coordinates, original sizes and mask post-processing.
+"""SAM 2's image processor (transformers', torchvision-only) against the one a SAM 2 twin's repository ships
+(`processing_sam2_split.Sam2SplitImageProcessor`, PIL; the tools use it too where torchvision is missing), on the same
+images, masks and prompts: pixel values (in grey levels), segmentation-map labels, prompt coordinates, original sizes
+and mask post-processing.
 
 Needs torchvision (any build whose Python-level resize imports; only torch's own antialiased bilinear kernel runs).
 
@@ -13,11 +14,8 @@ import torch
 import transformers
 from PIL import Image
 
-from sam_split.tools.compat import (
-    Sam2ImageProcessorPil,
-    _Sam2ProcessorPil,
-    sam2_image_processor,
-)
+from sam_split.processing_sam2_split import Sam2SplitImageProcessor, Sam2SplitProcessor
+from sam_split.tools.compat import sam2_image_processor
 
 
 def natural_image(rng, height: int, width: int) -> Image.Image:
@@ -29,10 +27,10 @@ def natural_image(rng, height: int, width: int) -> Image.Image:
 
 def main():
     stock = sam2_image_processor(1024, 256)
-    if isinstance(stock, _Sam2ProcessorPil):
+    if isinstance(stock, Sam2SplitProcessor):
         raise SystemExit("error: torchvision is not installed: there is no stock SAM 2 image processor to compare with")
-    stand_in = _Sam2ProcessorPil(image_processor=Sam2ImageProcessorPil(1024, 256))
-    print(f"transformers {transformers.__version__}: {type(stock.image_processor).__name__} vs Sam2ImageProcessorPil")
+    stand_in = Sam2SplitProcessor(image_processor=Sam2SplitImageProcessor(1024, 256))
+    print(f"transformers {transformers.__version__}: {type(stock.image_processor).__name__} vs Sam2SplitImageProcessor")
     rng, std = np.random.default_rng(0), torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     for height, width in [(480, 640), (1024, 1024), (300, 1700), (2000, 1500), (64, 48)]:
         mask = np.zeros((height, width), np.uint8)

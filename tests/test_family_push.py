@@ -103,24 +103,31 @@ def test_random_names_cover_every_member_and_keep_the_old_ones():
     names = random_names()
     assert {"random:vit-base", "random:vit-large", "random:vit-huge", "random:sam-vit-base", "random:sam-tiny",
             "random:sam-hq-vit-base", "random:sam-hq-vit-huge", "random:sam2.1-hiera-tiny",
-            "random:sam2.1-hiera-base-plus", "random:sam2.1-hiera-large"} <= set(names)
+            "random:sam2.1-hiera-base-plus", "random:sam2.1-hiera-large", "random:sam-hq-tiny",
+            "random:sam2.1-tiny"} <= set(names)
     assert member_for_random("vit-base").name == "SAM" and member_for_random("sam2.1-hiera-small").name == "SAM 2.1"
     assert parse_source("random:sam-hq-vit-large", None).name == "sam-hq-vit-large"
     with pytest.raises(ValueError, match="expected one of random:vit-base.*random:sam2.1-hiera-large"):
         parse_source("random:sam2-hiera-tiny", None)
 
 
-def test_sam_tiny_is_small_and_runs():
-    from sam_split import SamSplitModel
-    from sam_split.tools.family import random_stock_model
+@pytest.mark.parametrize("size", ["sam-tiny", "sam-hq-tiny", "sam2.1-tiny"])
+def test_each_member_has_a_tiny_random_size_that_runs(size):
+    """`random:` sizes small enough to fine-tune in minutes on a CPU (256x256 images, under 2 M parameters), one
+    per member; the twin equals the stock model on them."""
+    from sam_split.tools.family import member_for_random, random_stock_model
 
-    member, stock = random_stock_model("sam-tiny")
-    assert member.twin is SamSplitModel and sum(p.numel() for p in stock.parameters()) < 1_000_000
-    assert stock.config.vision_config.image_size == 256
-    twin = SamSplitModel.from_stock(stock)
+    member, stock = random_stock_model(size)
+    assert member is member_for_random(size) and sum(p.numel() for p in stock.parameters()) < 2_000_000
+    assert stock.config.prompt_encoder_config.image_size == 256
+    twin = member.twin.from_stock(stock).eval()
     inputs = verification_inputs(stock.config)
-    differences = max_differences(sam_outputs(twin, inputs), sam_outputs(stock, inputs))
-    assert max(differences.values()) <= ATOL
+    expected = sam_outputs(stock, inputs)
+    differences = max_differences(sam_outputs(twin, inputs), expected)
+    # transformers 4.57's stock Sam2Model differs from itself between two identical calls (its mask decoder; 0.0 on
+    # 5.23); these larger weights make that 4e-4: the twin must be within ATOL or twice stock's own difference.
+    noise = max(max_differences(sam_outputs(stock, inputs), expected).values())
+    assert max(differences.values()) <= max(ATOL, 2 * noise), (differences, noise)
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from hub_server import HubServer
 from PIL import Image
 from sam_testing import hub_env, randomize_, run_python, tiny_sam_config
-from test_finetune import FAST, write_shapes
+from test_finetune import FAST
 from test_segmentation import write_objects
 from transformers import Sam2Config, Sam2Model, SamHQConfig, SamHQModel
 
@@ -48,6 +48,7 @@ from sam_split.tools.segmentation import (
     score_images,
     segmentation_loss,
 )
+from sam_split.tools.synthetic import write_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("sam_hq", "sam2")

@@ -26,7 +26,9 @@ from sam_split import SamSplitModel, evaluate, finetune
 from sam_split.tools import segmentation
 from sam_split.tools.cli import ToolError, run_tool
 from sam_split.tools.data import DataError, DataOptions, open_source, scan
+from sam_split.tools.family import trainable_
 from sam_split.tools.processing import model_processor
+from sam_split.tools.synthetic import write_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,43 +48,14 @@ def refuse_to_load(*args, **kwargs):
     raise AssertionError("the model was loaded before the data was checked")
 
 
+NOT_MOVED = "validation has not moved at all"  # finetune's line when no validation differs from step 0's
 # Shared by the runs below: in-process, no DataLoader workers (their start-up costs more than these tiny steps).
 FAST = ["--num-workers", "0", "--batch-size", "4"]
 
 
-def write_shapes(root: Path, count: int, seed: int, size: int = 64) -> Path:
-    """`count` noisy grey images, each with one bright disc or rectangle, and its 0/255 mask as `<name>_0.png`."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rows, cols = np.mgrid[:size, :size]
-    for i in range(count):
-        image = rng.normal(60, 25, (size, size, 3))
-        center_row, center_col = rng.integers(16, size - 16, 2)
-        radius = int(rng.integers(6, 14))
-        if i % 2:
-            mask = (rows - center_row) ** 2 + (cols - center_col) ** 2 <= radius**2
-        else:
-            mask = (abs(rows - center_row) <= radius) & (abs(cols - center_col) <= radius * 0.7)
-        image[mask] += 130
-        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / "images" / f"img{i:02d}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"img{i:02d}_0.png")
-    return root
-
-
 def trainable_random_sam() -> SamSplitModel:
-    """Random weights a few dozen steps can learn from: `random_stock_sam`, but layer norms at identity and point
-    frequencies of order 1 (N(0, 0.05) ones make every prompt look alike)."""
-    sam = random_stock_sam(tiny_sam_config())
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in sam.modules():
-            if "LayerNorm" in type(module).__name__:
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-        embedding = sam.shared_image_embedding.positional_embedding
-        embedding.copy_(torch.randn(embedding.shape, generator=generator))
-    return SamSplitModel.from_sam(sam)
+    """Random weights a few dozen steps can learn from (`family.trainable_`, as `random:` sources are built)."""
+    return SamSplitModel.from_sam(trainable_(random_stock_sam(tiny_sam_config())))
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +107,15 @@ def decoder_run(data):
     """40 steps of LoRA + mask decoder, validated every 20, merged into a stock SamModel at the end."""
     AcceleratorState._reset_state(reset_partial_state=True)
     out = data["root"] / "decoder-run"
-    model = run(data, out, "--val-data", data["val"], "--train-decoder", "--lr", "1e-2", "--max-steps", 40,
-                "--eval-every", 20, "--merge-to-sam", data["root"] / "merged", "--report-to", "tensorboard",
-                "--overlay-images", 2)
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        model = run(data, out, "--val-data", data["val"], "--train-decoder", "--lr", "1e-2", "--max-steps", 40,
+                    "--eval-every", 20, "--merge-to-sam", data["root"] / "merged", "--report-to", "tensorboard",
+                    "--overlay-images", 2)
+    (out.parent / "decoder-run.log").write_text(printed.getvalue())
     return model, out
 
 
@@ -158,6 +137,8 @@ def test_loss_falls_and_validation_iou_rises(decoder_run):
     assert sorted(ious) == [0, 20, 40]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
     assert ious[40] > ious[0] + 0.2, ious
+    log = (out.parent / "decoder-run.log").read_text()
+    assert "training runs 40 steps (--max-steps) = 13.3 epochs" in log and NOT_MOVED not in log
 
 
 def test_decoder_run_trains_lora_and_decoder_only_and_reloads(data, decoder_run):
@@ -591,6 +572,9 @@ print("LOCAL CARD", json.dumps(open(hf_hub_download("tester/local-adapter", "REA
         assert (local_config["base_model_name_or_path"], local_config["revision"]) == ("tester/sam-base", base_sha)
         local_card = json.loads(re.search(r"LOCAL CARD (.*)", printed).group(1))
         assert "base_model: tester/sam-base" in local_card and str(tmp_path) not in local_card
+        # the data by its folder's name and what it holds, never by a path of this machine
+        train_folder = f"{data['train'].parent.name}/{data['train'].name}"
+        assert f"- training: `{train_folder}` (a local dataset; folder: 12 images)" in local_card
         adapter_sha = re.search(r"pushed adapter to tester/sam-adapter at revision (\S+)", printed).group(1)
         assert re.fullmatch(r"[0-9a-f]{40}", adapter_sha) and adapter_sha != base_sha
         # Only the adapter, its config and card: no checkpoints, metrics, overlays or run record, nothing older.
@@ -622,7 +606,8 @@ print("DIFF", (logits - torch.load({str(outputs)!r})).abs().max().item())
     card = json.loads(re.search(r"CARD (.*)", printed).group(1))
     assert card["base_model"] == "tester/sam-base" and card["license"] == "mit" and card["library_name"] == "peft"
     [result] = card["model-index"][0]["results"]
-    assert result["dataset"]["name"] == "val" and [m["type"] for m in result["metrics"]] == ["dice", "iou"]
+    assert result["dataset"]["name"] == f"{data['val'].parent.name}/val"
+    assert [m["type"] for m in result["metrics"]] == ["dice", "iou"]
     assert 0 <= result["metrics"][0]["value"] <= 1
 
 
@@ -705,6 +690,28 @@ def test_validation_progress_and_a_tie_with_the_base_says_so_in_the_card(data, t
     assert "The adapter is the one of step 0" in card and "No validation beat the base model" in card
     assert json.loads((out / "run.json").read_text())["adapter_step"] == 0
     assert json.loads((out / "eval_results.json").read_text())["fine_tuned"]["step"] == 0
+
+
+def test_max_steps_has_a_default(data, tmp_path):
+    settings = finetune.parse_args(["--model", str(data["base"]), "--train-data", str(data["train"]),
+                                    "--output-dir", str(tmp_path / "out")])
+    assert settings.max_steps == finetune.DEFAULT_MAX_STEPS == 1000
+
+
+def test_validation_that_has_not_moved_at_all_says_so(data, tmp_path, monkeypatch, capsys):
+    """Every validation scoring exactly as step 0 (as the issue's 40 steps of random:sam-tiny at the old defaults did:
+    Dice in the 6th digit, loss identical): one line says so, and what to change."""
+    real_validate, first = finetune.validate, []
+
+    def frozen_validate(session, validation):
+        entry, overlay_dir = real_validate(session, validation)
+        first.append(first[0] if first else entry)
+        return {**first[0], "step": entry["step"]}, overlay_dir
+
+    monkeypatch.setattr(finetune, "validate", frozen_validate)
+    run(data, tmp_path / "out", "--val-data", data["val"], "--eval-every", 1, "--max-steps", 2)
+    [line] = [line for line in capsys.readouterr().out.splitlines() if NOT_MOVED in line]
+    assert "step 2 scores exactly as step 0" in line and "--lr" in line and "--train-decoder" in line
 
 
 @pytest.mark.slow

@@ -121,6 +121,20 @@ def test_fp16_and_quantized_variants_stay_within_their_tolerances(exported):
             assert max_abs_diff(actual[name], expected[name]) <= onnx_export.TOLERANCES[variant], (variant, name)
 
 
+def test_quantized_graphs_are_smaller_than_fp32(exported):
+    """int8 pays for both graphs: weights behind a Transpose are folded first, so every MatMul is quantized (the
+    decoder was once larger quantized than in fp32)."""
+    import onnx
+
+    folder, *_ = exported
+    for graph in ("vision_encoder", "prompt_encoder_mask_decoder"):
+        fp32, quantized = (folder / "onnx" / f"{graph}{suffix}.onnx" for suffix in ("", "_quantized"))
+        assert quantized.stat().st_size < 0.8 * fp32.stat().st_size, graph
+        nodes = onnx.load(str(quantized)).graph.node
+        assert not [node.name for node in nodes if node.op_type == "MatMul" and "Transpose" in node.input[1]]
+        assert any(node.op_type == "MatMulInteger" for node in nodes)
+
+
 def test_large_weights_go_to_onnx_data_beside_the_graph(exported, tmp_path):
     """Over the threshold (2 GB by default; 0 here) weights go to `<file>.onnx_data`, transformers.js' name."""
     import onnx

@@ -418,15 +418,19 @@ def test_unanswering_hub_times_out_with_a_clear_message(hub, sources, tmp_path, 
 @pytest.mark.slow
 def test_a_signal_during_the_build_cleans_up(sources, tmp_path, signal_number, status, message):
     """SIGTERM (or Ctrl-C) while the build is being verified: an exit status and a message, no traceback, no build
-    folder, no output folder and no scratch folder (TMPDIR) left."""
+    folder, no output folder and no scratch folder (TMPDIR) left. The build is held in the verification (after the
+    reload, before the comparison) until the signal comes, so a fast machine cannot finish it first."""
     (tmp_path / "tmp").mkdir()
+    argv = ["--source", str(sources[0] / "sam-0"), "--output-dir", str(tmp_path / "out"), "--no-push"]
+    hold = ("import sys, time\nfrom sam_split import push\n"
+            "def hold(*args):\n    print('holding the verification', flush=True)\n    time.sleep(600)\n"
+            f"push.max_differences = hold\nsys.exit(push.main({argv!r}))\n")
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "push.py"), "--source", str(sources[0] / "sam-0"), "--output-dir",
-         str(tmp_path / "out"), "--no-push"],
-        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", hold], env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
     )
-    for line in process.stdout:
-        if "reloaded the build" in line:  # the build folder exists and the child runs the model
+    for line in process.stdout:  # ends when the process does: then the assertions below fail
+        if line.startswith("holding the verification"):
             break
     assert list(tmp_path.glob(".sam-split-build-*"))
     process.send_signal(signal_number)

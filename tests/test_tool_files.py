@@ -24,6 +24,31 @@ def test_the_build_appears_at_once_and_only_on_success(tmp_path):
     assert (tmp_path / "empty" / "b.txt").is_file()
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_folder_and_its_files_get_the_modes_of_the_umask(tmp_path, umask):
+    """As `mkdir` and `open` under the umask would make them: not mkdtemp's 0700 folder, not the 0600 that safetensors
+    gives `model.safetensors` (through `save_pretrained` too)."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(umask)
+    try:
+        with atomic_output_dir(tmp_path / "out") as build:
+            save_file({"w": torch.zeros(2)}, str(build / "model.safetensors"))
+            (build / "sub").mkdir(mode=0o700)
+            (build / "sub" / "private.txt").touch(mode=0o600)
+            (build / "run.sh").touch(mode=0o700)
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+             for path in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
+    assert modes == {"out": 0o777 & ~umask, "out/sub": 0o777 & ~umask, "out/model.safetensors": 0o666 & ~umask,
+                     "out/sub/private.txt": 0o666 & ~umask, "out/run.sh": 0o777 & ~umask}
+
+
 @pytest.mark.parametrize("failure", [ValueError("boom"), KeyboardInterrupt(), SystemExit(143)])
 def test_every_failure_leaves_nothing(tmp_path, failure):
     with pytest.raises(type(failure)):

@@ -28,17 +28,28 @@ def hub_dataset(spec: str | None) -> str | None:
         return None
 
 
+def data_description(spec: str, revision: str | None, split: str, source) -> str:
+    """How the card names a dataset: a Hub dataset by its id, revision and split; a local one by its folder's name
+    (never a path of this machine); both with what it holds (format, images), from `source.describe()`."""
+    held = source.describe().rsplit(" (", 1)[-1].removesuffix(")")
+    if hub_dataset(spec):
+        return f"`{spec}` (Hub dataset, revision `{revision or 'main'}`, split `{split}`; {held})"
+    path = Path(spec).absolute()
+    return f"`{path.parent.name}/{path.name}` (a local dataset; {held})"
+
+
 def model_card(base: Location, repo_name: str, license: str | None, datasets: list, val_name: str | None,
-               results: dict | None, hyperparameters: dict, notes: list) -> str:
+               results: dict | None, hyperparameters: dict, notes: list, data: dict | None = None) -> str:
     """The adapter's README: `ModelCardData` front matter (base model as a Hub id, the base's license, datasets,
     validation Dice/IoU as `eval_results`), `notes` (which step the adapter is from), how to load it pinned, the
-    hyper-parameters. A local base is named by its folder's name, never by a path of this machine."""
+    hyper-parameters, and the training and validation `data` ({"train": description, "val": ...}, see
+    `data_description`). A local base or dataset is named by its folder's name, never by a path of this machine."""
     from huggingface_hub import EvalResult, ModelCardData
 
     eval_results = None
     if results:
         eval_results = [EvalResult(task_type="image-segmentation", dataset_type=hub_dataset(val_name) or "custom",
-                                   dataset_name=Path(val_name).name or val_name, metric_type=metric,
+                                   dataset_name=_dataset_name(val_name), metric_type=metric,
                                    metric_name=f"mean {metric} per object (full resolution)",
                                    metric_value=round(results[metric], 4)) for metric in ("dice", "iou")]
     card_data = ModelCardData(
@@ -62,9 +73,21 @@ def model_card(base: Location, repo_name: str, license: str | None, datasets: li
         lines += [f"| {name} | {c['dice']:.4f} | {c['iou']:.4f} | {c['objects']} |"
                   for name, c in results["classes"].items()]
         lines += [f"| **all** | {results['dice']:.4f} | {results['iou']:.4f} | {results['objects']} |", ""]
+    if data:
+        lines += ["## Data", "", *[f"- {what}: {data[key]}" for key, what in (("train", "training"),
+                                                                               ("val", "validation")) if data.get(key)],
+                  ""]
     lines += ["## Training hyper-parameters", "", "| name | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in hyperparameters.items()] + [""]
     return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+def _dataset_name(spec: str) -> str:
+    """A Hub dataset's id; a local dataset's folder and file name (`data/val`, `annotations/instances_val.json`)."""
+    if hub_dataset(spec):
+        return spec
+    path = Path(spec).absolute()
+    return f"{path.parent.name}/{path.name}"
 
 
 def adapter_notes(record: dict) -> list:

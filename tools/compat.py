@@ -5,16 +5,12 @@ files keep theirs in the root `compat.py`.
 
 import importlib.util
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 import transformers
 from huggingface_hub import utils
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import _http
-from PIL import Image
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..processing_sam2_split import Sam2SplitImageProcessor, Sam2SplitProcessor
 
 # ------------------------------------------------------------------------------------------------------ processors
 
@@ -29,69 +25,14 @@ def sam2_image_processor(image_size: int, mask_grid: int):
     """A `Sam2Processor` resizing images to `image_size` squared and segmentation maps to `mask_grid` squared.
 
     transformers' `Sam2ImageProcessor` (5.x) / `Sam2ImageProcessorFast` (4.57) is torchvision-only; where torchvision
-    is missing, `Sam2ImageProcessorPil` stands in (same steps with PIL: bilinear resize, ImageNet normalisation,
-    nearest-neighbour masks; `post_process_masks` is the same torch code)."""
+    is missing, the processor a SAM 2 twin's repository ships (`processing_sam2_split.Sam2SplitProcessor`, what
+    `AutoProcessor` loads from it with `trust_remote_code=True`) stands in: the same steps with PIL."""
     if importlib.util.find_spec("torchvision") is not None:
         image_processor_class = getattr(transformers, "Sam2ImageProcessor", None) or transformers.Sam2ImageProcessorFast
         image_processor = image_processor_class(size={"height": image_size, "width": image_size},
                                                 mask_size={"height": mask_grid, "width": mask_grid})
         return transformers.Sam2Processor(image_processor=image_processor)
-    return _Sam2ProcessorPil(image_processor=Sam2ImageProcessorPil(image_size, mask_grid))
-
-
-class Sam2ImageProcessorPil(BaseImageProcessor):
-    """SAM 2's image preprocessing without torchvision: RGB, resized (bilinear) to a `size` square with no padding,
-    rescaled to [0, 1], normalised with ImageNet's mean and std; segmentation maps resized (nearest) to `mask_size`.
-
-    Measured against torchvision's (benchmarks/README.md): equal pixel values where the image is enlarged, within one
-    grey level where it is shrunk; labels, prompts and post-processed masks equal."""
-
-    model_input_names = ["pixel_values"]  # noqa: RUF012 - a list, as transformers' processors concatenate it
-
-    def __init__(self, image_size: int = 1024, mask_grid: int = 256, **kwargs):
-        super().__init__(**kwargs)
-        self.size = {"height": image_size, "width": image_size}
-        self.mask_size = {"height": mask_grid, "width": mask_grid}
-        self.image_mean, self.image_std = list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
-
-    def preprocess(self, images, segmentation_maps=None, return_tensors=None, **kwargs) -> BatchFeature:
-        images = images if isinstance(images, (list, tuple)) else [images]
-        mean, std = np.array(self.image_mean, np.float32), np.array(self.image_std, np.float32)
-        pixel_values, original_sizes = [], []
-        for image in images:
-            image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-            original_sizes.append([image.height, image.width])
-            resized = image.convert("RGB").resize((self.size["width"], self.size["height"]), Image.BILINEAR)
-            pixel_values.append(((np.asarray(resized, np.float32) / 255 - mean) / std).transpose(2, 0, 1))
-        data = {"pixel_values": np.stack(pixel_values), "original_sizes": np.array(original_sizes)}
-        if segmentation_maps is not None:
-            maps = segmentation_maps if isinstance(segmentation_maps, (list, tuple)) else [segmentation_maps]
-            size = (self.mask_size["width"], self.mask_size["height"])
-            data["labels"] = np.stack([np.asarray(Image.fromarray(np.asarray(m).astype(np.uint8)).resize(
-                size, Image.NEAREST)).astype(np.int64) for m in maps])
-        return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def post_process_masks(self, masks, original_sizes, mask_threshold=0.0, binarize=True, max_hole_area=0.0,
-                           max_sprinkle_area=0.0, apply_non_overlapping_constraints=False, **kwargs):
-        """transformers' `Sam2ImageProcessor.post_process_masks` (bilinear to the original size, then threshold; it
-        ignores the hole and sprinkle areas too), without the non-overlapping constraint."""
-        if apply_non_overlapping_constraints:
-            raise ValueError("Sam2ImageProcessorPil has no non-overlapping constraint: install torchvision")
-        if torch.is_tensor(original_sizes) or isinstance(original_sizes, np.ndarray):
-            original_sizes = original_sizes.tolist()
-        output = []
-        for mask, original_size in zip(masks, original_sizes):
-            mask = torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask
-            mask = F.interpolate(mask, original_size, mode="bilinear", align_corners=False)
-            output.append(mask > mask_threshold if binarize else mask)
-        return output
-
-
-class _Sam2ProcessorPil(transformers.Sam2Processor):
-    """`Sam2Processor` (its prompt handling) around `Sam2ImageProcessorPil`: 4.57 accepts only its torchvision image
-    processor there, so the expected class is widened to any image processor."""
-
-    image_processor_class = "AutoImageProcessor"
+    return Sam2SplitProcessor(image_processor=Sam2SplitImageProcessor(image_size, mask_grid))
 
 
 def sam_preprocessor_config(image_size: int) -> dict:
@@ -117,7 +58,8 @@ def sam_hq_preprocessor_config(image_size: int) -> dict:
 def sam2_preprocessor_config(image_size: int) -> dict:
     """SAM 2's standard preprocessing in the form of the released facebook/sam2.1-hiera-* checkpoints: images resized
     (not padded) to `image_size` squared, masks to a quarter of that. Its image processor needs torchvision on both
-    4.57 (`Sam2ImageProcessorFast`, the only one there) and 5.x, as for the stock checkpoints."""
+    4.57 (`Sam2ImageProcessorFast`, the only one there) and 5.x, as for the stock checkpoints; push.py adds the
+    `auto_map` of the repository's own processor, which does not."""
     return {
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
@@ -126,6 +68,24 @@ def sam2_preprocessor_config(image_size: int) -> dict:
         "mask_size": {"height": image_size // 4, "width": image_size // 4},
         "resample": 2, "rescale_factor": 1 / 255,
     }
+
+
+def with_shipped_processor(contents: dict, auto_map: dict) -> dict:
+    """A processor config (`preprocessor_config.json`, or 5.x's `processor_config.json`, which nests the image
+    processor's) that names the repository's own processor classes in `auto_map`, for `AutoProcessor` /
+    `AutoImageProcessor` with `trust_remote_code=True`, and keeps the stock classes for loading without it.
+
+    A legacy `...Fast` image processor name (the released SAM 2.1 configs' `Sam2ImageProcessorFast`) becomes its
+    5.x name: 5.x warns that the `Fast` suffix is deprecated; 4.57, which has only the Fast class, raises for it
+    without torchvision before it reads `auto_map`, and finds no class by the 5.x name, so goes on to `auto_map`.
+    (4.57's stock `Sam2Processor` loads its image processor by its own class attribute, not by this name.)"""
+    contents = {**contents, "auto_map": {**contents.get("auto_map", {}), **auto_map}}
+    if str(contents.get("image_processor_type", "")).endswith("Fast"):
+        contents["image_processor_type"] = contents["image_processor_type"].removesuffix("Fast")
+    if isinstance(contents.get("image_processor"), dict):  # 5.x's processor_config.json
+        contents["image_processor"] = with_shipped_processor(
+            contents["image_processor"], {"AutoImageProcessor": auto_map["AutoImageProcessor"]})
+    return contents
 
 
 # ---------------------------------------------------------------------------------------------- huggingface_hub

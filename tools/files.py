@@ -154,8 +154,30 @@ def _running_owner(mark: Path) -> int | None:
     return int(pid) if host == socket.gethostname() and int(pid) != os.getpid() else None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it (a moment, at the end of a build)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_modes(build: Path) -> None:
+    """Give the build what an ordinary `mkdir` / `open` under the user's umask would (0755 folders, 0644 files at
+    umask 022): `mkdtemp` makes the folder 0700, and safetensors writes `model.safetensors` 0600 (through
+    `save_pretrained` too), which would leave the published folder unreadable to other users beside 0644 files."""
+    mask = _umask()
+    for path in [build, *build.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~mask)
+        else:
+            executable = path.stat().st_mode & 0o111
+            path.chmod((0o777 if executable else 0o666) & ~mask)
+
+
 def _move_into_place(build: Path, target: Path, existing: str, last: str | None, before, flag: str) -> None:
     (build / BUILD_MARK).unlink(missing_ok=True)
+    _ordinary_modes(build)
     if existing == "update" and target.is_dir():
         names = sorted(path.name for path in build.iterdir())
         if last in names:

@@ -8,7 +8,8 @@ construction (tested against the processor's own `segmentation_maps` preprocessi
 
 Per family: SAM and SAM-HQ (`SamProcessor` / `SamHQProcessor`, SAM's image processor) resize the longest side and
 pad bottom/right, images and masks alike; SAM 2 (`Sam2Processor`) resizes the whole image to a square, no padding.
-SAM 2's image processor needs torchvision; without it `compat.Sam2ImageProcessorPil` stands in.
+SAM 2's image processor needs torchvision; without it the processor a SAM 2 twin's repository ships stands in
+(`processing_sam2_split.Sam2SplitProcessor`).
 """
 
 import numpy as np
@@ -67,7 +68,7 @@ def mask_grid_size(config) -> int:
 def model_processor(config):
     """The processor for a model of any family, with its standard preprocessing and the mask settings of its mask
     grid. SAM 2's own image processor needs torchvision (5.23 and 4.57 alike); without it, a PIL stand-in with the
-    same geometry (`compat.Sam2ImageProcessorPil`)."""
+    same geometry (`processing_sam2_split.Sam2SplitImageProcessor`, what the twin's repository ships)."""
     family, grid = model_family(config), mask_grid_size(config)
     if family == "sam2":  # its vision config gives the size per axis, in the backbone config
         return sam2_image_processor(config.prompt_encoder_config.image_size, grid)
