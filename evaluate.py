@@ -12,7 +12,8 @@ mask), all objects of an image decoded against one image embedding. OUT receives
   - `masks/<image>/<k>-<object>.png`: each predicted mask (0/255) at the image's original resolution;
   - `overlays/<image>.png`: ground truth | prediction, for the first `--overlay-images` images.
 With --automatic (a COCO instances .json as --data), it segments everything from a point grid instead and writes
-`masks.json` (COCO results), `metrics.json` (mask AP, AP50, AR; Dice per class) and `overlays/` (docs/automatic-masks.md).
+`masks.json` (COCO results), `metrics.json` (mask AP, AP50, AR; Dice per class) and `overlays/`
+(docs/automatic-masks.md).
 OUT is written in a temporary folder and renamed when complete; a second run into the same OUT while one is writing
 it is refused. The model, the adapter and the data are checked (and the data scanned) before the weights load. Runs
 under `accelerate launch` too (each process scores a share of the images).

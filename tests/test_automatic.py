@@ -109,6 +109,9 @@ def test_fallback_nms_on_hand_checked_cases():
     assert compat.batched_nms(boxes, scores, torch.tensor([0, 1, 0, 2, 0]), 0.5).tolist() == [1, 3, 0, 2, 4]
     assert compat.batched_nms(boxes, scores, torch.tensor([0, 1, 0, 2, 0]), 0.4).tolist() == [1, 3, 0, 2]
     assert compat.batched_nms(boxes[:0], scores[:0], same[:0], 0.5).tolist() == []
+    # IoU 24/80 is 0.30000001 in float32: above a threshold of 0.3 (a double), as torchvision's kernel compares it.
+    pair = torch.tensor([[6, 7, 14, 13], [3, 6, 17, 10.0]])
+    assert compat.batched_nms(pair, torch.tensor([1.0, 0.75]), same[:2], 0.3).tolist() == [0]
 
 
 def nms_cases():
@@ -328,11 +331,21 @@ def test_sam2_mask_generation_methods_equal_the_sam_ones_that_stand_in_for_them(
     crops = [helper.generate_crop_boxes(image, 64, 1, 512 / 1500, 4, 1) for helper in (own, stand_in)]
     assert torch.equal(torch.as_tensor(crops[0][0]), torch.as_tensor(crops[1][0]))
     assert torch.allclose(torch.as_tensor(crops[0][1]).float(), torch.as_tensor(crops[1][1]).float())
-    logits = torch.randn(6, 3, 40, 64, generator=torch.Generator().manual_seed(0)) * 4
-    scores = torch.rand(6, 3, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = torch.meshgrid(torch.arange(30.0), torch.arange(40.0), indexing="ij")
+    centres, radii = torch.rand(6, 3, 2, generator=generator) * 40, 3 + torch.rand(6, 3, generator=generator) * 8
+    # Blobs of logit radius - distance: stable masks, some touching the crop's inner edges (dropped there).
+    logits = radii[..., None, None] - ((rows - centres[..., 0, None, None]) ** 2
+                                       + (cols - centres[..., 1, None, None]) ** 2).sqrt()
+    scores = torch.rand(6, 3, generator=generator)
     crop_box = torch.tensor([0.0, 0.0, 40.0, 30.0])
-    kept = [helper.filter_masks(F_pad(logits), scores, (40, 64), crop_box, 0.2, 0.3, 0, 1) for helper in (own, stand_in)]
-    assert kept[0][0] == kept[1][0] and len(kept[0][0]) > 0
+    kept = [helper.filter_masks(logits, scores, (40, 64), crop_box, 0.2, 0.3, 0, 1)
+            for helper in (own, stand_in)]
+    assert kept[0][0] == kept[1][0] and 0 < len(kept[0][0]) < 12
+    nms = [helper.post_process_for_mask_generation(kept[0][0], torch.as_tensor(kept[0][1]),
+                                                   torch.as_tensor(kept[0][2]), 0.3) for helper in (own, stand_in)]
+    assert [np.asarray(m).tolist() for m in nms[0][0]] == [np.asarray(m).tolist() for m in nms[1][0]]
+    assert torch.equal(torch.as_tensor(nms[0][1]), torch.as_tensor(nms[1][1]))
     assert torch.equal(torch.as_tensor(kept[0][1]), torch.as_tensor(kept[1][1]))
     assert torch.equal(torch.as_tensor(kept[0][2]), torch.as_tensor(kept[1][2]))
     theirs = generate_masks(model, processor, image, ALL_MASKS)
@@ -340,11 +353,6 @@ def test_sam2_mask_generation_methods_equal_the_sam_ones_that_stand_in_for_them(
     ours = generate_masks(model, processor, image, ALL_MASKS)
     assert [item["score"] for item in ours] == [item["score"] for item in theirs]
     assert all(np.array_equal(a["mask"], b["mask"]) for a, b in zip(ours, theirs))
-
-
-def F_pad(logits):
-    """Masks of a 30x40 crop (the crop box above) from (.., 40, 64) logits."""
-    return logits[..., :30, :40]
 
 
 @pytest.mark.torchvision

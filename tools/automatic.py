@@ -73,7 +73,8 @@ def add_automatic_arguments(parser) -> None:
     group.add_argument("--crop-points-downscale", type=integer(1), default=defaults.crop_points_downscale,
                        help="layer i's grid has points-per-side / this^i points per side (default 1)")
     group.add_argument("--pred-iou-thresh", type=number(0, 1), default=defaults.pred_iou_thresh,
-                       help=f"keep masks whose predicted IoU is above this (0: all; default {defaults.pred_iou_thresh})")
+                       help=f"keep masks whose predicted IoU is above this (0: all; default "
+                            f"{defaults.pred_iou_thresh})")
     group.add_argument("--stability-score-thresh", type=number(0, 1), default=defaults.stability_score_thresh,
                        help="keep masks whose stability score (IoU of the mask at logit thresholds +-offset) is above "
                             f"this (0: all; default {defaults.stability_score_thresh})")

@@ -189,7 +189,10 @@ def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> tor
         width = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest])).clamp(min=0)
         height = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest])).clamp(min=0)
         intersection = width * height
-        suppressed[position + 1:] |= intersection / (areas[i] + areas[rest] - intersection) > iou_threshold
+        overlap = intersection / (areas[i] + areas[rest] - intersection)
+        # Compared in float64, as the kernel compares its float IoU with its double threshold: IoU 24/80 in float32
+        # (0.30000001) is above 0.3, but not above 0.3 rounded to float32.
+        suppressed[position + 1:] |= overlap.double() > iou_threshold
     return torch.tensor(keep, dtype=torch.int64, device=boxes.device)
 
 
