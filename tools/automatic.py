@@ -52,6 +52,7 @@ class AutomaticSettings:
     stability_score_offset: float = 1.0
     mask_threshold: float = 0.0
     nms_thresh: float = 0.7
+    multimask: bool = True
 
 
 def add_automatic_arguments(parser) -> None:
@@ -80,6 +81,9 @@ def add_automatic_arguments(parser) -> None:
                             f"this (0: all; default {defaults.stability_score_thresh})")
     group.add_argument("--stability-score-offset", type=number(0, above=True), default=defaults.stability_score_offset,
                        help=f"logit offset of the stability score (default {defaults.stability_score_offset})")
+    group.add_argument("--single-mask", dest="multimask", action="store_false",
+                       help="one mask per point, from the single-mask output token, which is the one finetune.py "
+                            "trains (default: SAM's three multimask outputs per point, as SAM's generator)")
     group.add_argument("--nms-thresh", type=number(0, 1), default=defaults.nms_thresh,
                        help=f"box IoU above which the lower-scored of two masks is dropped (default "
                             f"{defaults.nms_thresh})")
@@ -131,8 +135,9 @@ def generate_masks(model, processor, image: Image.Image, settings: AutomaticSett
     """Automatic masks of `image`, best first: per mask `mask` (bool, height x width), `score` (predicted IoU) and
     `box` (x0, y0, x1, y1).
 
-    Three masks per point for every family. SAM-HQ: SAM's three masks each plus the HQ correction (`hq_token_only`
-    off): in multimask mode its HQ token gives one mask for three IoU predictions, so it cannot stand alone there."""
+    Three masks per point (`settings.multimask`), else the single-mask output's one, for every family. SAM-HQ: SAM's
+    masks each plus the HQ correction (`hq_token_only` off): in multimask mode its HQ token gives one mask for three
+    IoU predictions, so it cannot stand alone there."""
     device = next(model.parameters()).device
     family = model_family(model)
     image_processor = processor.image_processor
@@ -142,7 +147,7 @@ def generate_masks(model, processor, image: Image.Image, settings: AutomaticSett
     crop_boxes, grid, _, grid_labels = helper.generate_crop_boxes(
         image, target_size, settings.crop_layers, settings.crop_overlap_ratio, settings.points_per_side,
         settings.crop_points_downscale)
-    options = {**decode_options(model, hq_token_only=False), "multimask_output": True}
+    options = {**decode_options(model, hq_token_only=False), "multimask_output": settings.multimask}
     rles, scores, boxes = [], [], []
     for c, crop_box in enumerate(crop_boxes.tolist()):
         left, top, right, bottom = (int(v) for v in crop_box)
