@@ -150,6 +150,7 @@ def generate_masks(model, processor, image: Image.Image, settings: AutomaticSett
     options = {**decode_options(model, hq_token_only=False), "multimask_output": settings.multimask}
     rles, scores, boxes = [], [], []
     for c, crop_box in enumerate(crop_boxes.tolist()):
+        # Python ints: 4.57's `filter_masks` pads with the crop box's values, which torch refuses as tensors.
         left, top, right, bottom = (int(v) for v in crop_box)
         encoded = processor(images=image.crop((left, top, right, bottom)), return_tensors="pt")
         sizes = {"original_sizes": encoded["original_sizes"]}
@@ -167,7 +168,7 @@ def generate_masks(model, processor, image: Image.Image, settings: AutomaticSett
                                                                           if k != "original_sizes"})
             kept, kept_scores, kept_boxes = helper.filter_masks(
                 masks[0], outputs.iou_scores[0].float().cpu(), (image.height, image.width),
-                torch.tensor(crop_box), settings.pred_iou_thresh, settings.stability_score_thresh,
+                [left, top, right, bottom], settings.pred_iou_thresh, settings.stability_score_thresh,
                 settings.mask_threshold, settings.stability_score_offset)
             rles += kept
             scores.append(torch.as_tensor(kept_scores))
