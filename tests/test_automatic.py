@@ -286,7 +286,7 @@ AUTOMATIC = ["--automatic", "--single-mask", "--points-per-side", "8", "--pred-i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sam"])
+@pytest.mark.parametrize("family", ["sam", "sam2"])
 def test_a_few_fine_tuning_steps_raise_automatic_mask_ap(coco_shapes, family, tmp_path):
     base = tmp_path / "base"
     (trainable_random_sam() if family == "sam" else random_stock("sam2", trainable=True)).save_pretrained(base)
