@@ -11,6 +11,9 @@ mask), all objects of an image decoded against one image embedding. OUT receives
     name (`classes`), and every image's per-object scores (`per_image`);
   - `masks/<image>/<k>-<object>.png`: each predicted mask (0/255) at the image's original resolution;
   - `overlays/<image>.png`: ground truth | prediction, for the first `--overlay-images` images.
+With --automatic (a COCO instances .json as --data), it segments everything from a point grid instead and writes
+`masks.json` (COCO results), `metrics.json` (mask AP, AP50, AR; Dice per class) and `overlays/`
+(docs/automatic-masks.md).
 OUT is written in a temporary folder and renamed when complete; a second run into the same OUT while one is writing
 it is refused. The model, the adapter and the data are checked (and the data scanned) before the weights load. Runs
 under `accelerate launch` too (each process scores a share of the images).
@@ -30,6 +33,7 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sam_split.tools import automatic
 from sam_split.tools.arguments import add_loader_arguments, add_model_arguments, add_prompt_arguments
 from sam_split.tools.cli import Location, ToolError, check_name_lengths, run_tool
 from sam_split.tools.compat import set_hub_timeout
@@ -56,6 +60,7 @@ def parse_args(argv=None):
     add_data_arguments(parser)
     add_prompt_arguments(parser, training=False)
     add_loader_arguments(parser, overlay_images=16)
+    automatic.add_automatic_arguments(parser)
     args = parser.parse_args(argv)
     if not (args.model or args.adapter):
         parser.error("pass --model (the base alone) and/or --adapter")
@@ -119,6 +124,8 @@ def main(argv=None) -> dict:
     """Score; return the summary written to metrics.json. Failures the user can act on raise `ToolError` (one line
     on the command line, through `run_tool`)."""
     args = parse_args(argv)
+    if args.automatic:
+        automatic.check_automatic(args.data, automatic.world_size())
     set_hub_timeout(HUB_TIMEOUT_S)
     with claim_output_dir(Path(args.output_dir), main_process=os.environ.get("RANK", "0") == "0"):
         return score(args)
@@ -135,6 +142,11 @@ def score(args) -> dict:
     if adapter:
         model = load_adapter(model, adapter, allow_other_base=args.allow_other_base)
     model = model.to(accelerator.device)
+    if args.automatic:
+        provenance = {"model": args.model, "base_revision": args.base_revision, "adapter": args.adapter,
+                      "adapter_revision": args.adapter_revision, "data": args.data}
+        return automatic.score_automatic(model, processor, source, images, Path(args.output_dir),
+                                         automatic.settings_from_args(args), args.overlay_images, provenance, log)
     dataset = PromptedImages(source, images, processor, args.prompt, args.num_points, args.num_negative_points,
                              seed=args.seed)
     loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(

@@ -1,6 +1,6 @@
-"""The tools' differences between the supported library releases, in one place: transformers 4.57 / 5.x (processors)
-and huggingface_hub 0.x / 1.x / 2.x (its HTTP client). Nothing else in the tools branches on a version. The model
-files keep theirs in the root `compat.py`.
+"""The tools' differences between the supported library releases, in one place: transformers 4.57 / 5.x (processors,
+mask generation with or without torchvision) and huggingface_hub 0.x / 1.x / 2.x (its HTTP client). Nothing else in
+the tools branches on a version or on torchvision. The model files keep theirs in the root `compat.py`.
 """
 
 import importlib.util
@@ -86,6 +86,97 @@ def with_shipped_processor(contents: dict, auto_map: dict) -> dict:
         contents["image_processor"] = with_shipped_processor(
             contents["image_processor"], {"AutoImageProcessor": auto_map["AutoImageProcessor"]})
     return contents
+
+
+# ------------------------------------------------------------------------------------------------ mask generation
+#
+# Where transformers' automatic mask generation calls torchvision (checked on 4.57.6 and 5.23.0): only the final NMS,
+# `torchvision.ops.boxes.batched_nms`, in `post_process_for_mask_generation`:
+#   - 5.23 `SamImageProcessorPil` (the one the tools use for SAM and SAM-HQ): imported inside
+#     `image_processing_pil_sam._post_process_for_mask_generation`, so it fails only when called;
+#   - 4.57 `SamImageProcessor` (numpy/PIL): imported at module level only `if is_torchvision_available()`, so the call
+#     fails with a NameError;
+#   - SAM 2's image processors (5.23 `Sam2ImageProcessor`, 4.57 `Sam2ImageProcessorFast`) and the torchvision SAM ones
+#     import torchvision at module level; without it the tools use `Sam2ImageProcessorPil`, which has no
+#     mask-generation methods: SAM's image processor's stand in (the same computations, copied in transformers from
+#     SAM to SAM 2; the tests compare the two where torchvision is installed).
+# `generate_crop_boxes` and `filter_masks` need no torchvision anywhere. So the fallback is injected here, once: where
+# torchvision is missing, `post_process_for_mask_generation` runs transformers' steps with `batched_nms` below.
+
+
+def torchvision_available() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def mask_generation_processor(image_processor):
+    """The image processor whose `generate_crop_boxes`, `filter_masks` and `post_process_for_mask_generation` serve
+    `image_processor`'s model: itself, or for the SAM 2 stand-in (`Sam2ImageProcessorPil`) SAM's image processor."""
+    if hasattr(image_processor, "filter_masks"):
+        return image_processor
+    return sam_image_processor_class()()
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Pure-torch `torchvision.ops.batched_nms`, used only where torchvision is missing: per category (`idxs`), greedy
+    non-maximum suppression in the order of a stable descending sort of `scores`, dropping a box whose IoU with a kept
+    one is above `iou_threshold` (IoU computed as torchvision's CPU kernel computes it, in the boxes' dtype); the kept
+    indices in descending score order, ties by index. Equal to torchvision's on the tests' random and tied cases
+    (tests/test_automatic.py). With one category, as transformers calls it, it is torchvision's computation; with
+    several, torchvision (under 1,000 boxes on CPU) shifts each category's boxes apart first, which can round an IoU
+    within float precision of `iou_threshold` differently."""
+    keep = []
+    for category in torch.unique(idxs):
+        members = torch.nonzero(idxs == category).flatten()
+        keep.append(members[_nms(boxes[members], scores[members], iou_threshold)])
+    if not keep:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    keep = torch.sort(torch.cat(keep)).values
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """torchvision's `nms` (its CPU kernel, `nms_kernel_impl`): indices kept, in descending score order."""
+    x1, y1, x2, y2 = boxes.unbind(1)
+    areas = (x2 - x1) * (y2 - y1)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    keep = []
+    for position, i in enumerate(order.tolist()):
+        if suppressed[position]:
+            continue
+        keep.append(i)
+        rest = order[position + 1:]
+        width = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest])).clamp(min=0)
+        height = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest])).clamp(min=0)
+        intersection = width * height
+        overlap = intersection / (areas[i] + areas[rest] - intersection)
+        # Compared in float64, as the kernel compares its float IoU with its double threshold: IoU 24/80 in float32
+        # (0.30000001) is above 0.3, but not above 0.3 rounded to float32.
+        suppressed[position + 1:] |= overlap.double() > iou_threshold
+    return torch.tensor(keep, dtype=torch.int64, device=boxes.device)
+
+
+def post_process_for_mask_generation(image_processor, rle_masks: list, scores: torch.Tensor, boxes: torch.Tensor,
+                                     nms_threshold: float) -> tuple[list, torch.Tensor, list, torch.Tensor]:
+    """transformers' `post_process_for_mask_generation` of `image_processor` (NMS over all crops' masks by their
+    boxes, then the kept RLEs decoded): (bool masks as numpy arrays, scores, uncompressed RLEs, boxes) of the kept
+    masks. Without torchvision, the same steps with the pure-torch `batched_nms` above."""
+    if not rle_masks:
+        return [], scores, [], boxes
+    if torchvision_available():
+        masks, scores, rle_masks, boxes = image_processor.post_process_for_mask_generation(
+            rle_masks, scores, boxes, nms_threshold)
+        return [np.asarray(mask, dtype=bool) for mask in masks], scores, rle_masks, boxes
+    keep = batched_nms(boxes.float(), scores, torch.zeros(boxes.shape[0]), nms_threshold)
+    rle_masks = [rle_masks[i] for i in keep]
+    return [_rle_to_mask(rle) for rle in rle_masks], scores[keep], rle_masks, boxes[keep]
+
+
+def _rle_to_mask(rle: dict) -> np.ndarray:
+    """transformers' `_rle_to_mask`: an uncompressed column-major RLE (counts start with a 0-run) as a bool mask."""
+    height, width = rle["size"]
+    values = np.repeat(np.arange(len(rle["counts"])) % 2 == 1, rle["counts"])
+    return values.reshape(width, height).T
 
 
 # ---------------------------------------------------------------------------------------------- huggingface_hub
