@@ -10,10 +10,10 @@ import { AutoConfig, AutoProcessor, RawImage, Sam2Model, SamModel, Tensor, env }
 
 // Per family member (config.json's model_type): the transformers.js model class, and the decoder inputs that a prompt
 // leaves out and the class does not fill in itself. Another member (the SAM 3 tracker: Sam3TrackerModel) is one entry.
-const MEMBERS = {
-    sam: { modelClass: SamModel, complete: completeSamPrompt },
-    sam2: { modelClass: Sam2Model, complete: (inputs) => inputs }, // Sam2Model fills in what is missing
-};
+const SAM = { modelClass: SamModel, complete: completeSamPrompt };
+const SAM2 = { modelClass: Sam2Model, complete: (inputs) => inputs }; // Sam2Model fills in what is missing
+// An exported folder says "sam" / "sam2"; a repo published by push.py --onnx keeps its twin's config.json.
+const MEMBERS = { sam: SAM, sam_split: SAM, sam2: SAM2, sam2_split: SAM2 };
 
 // sam-split's SAM decoder graph takes every input: no points are zero of them, no box is -1s (see the model card).
 function completeSamPrompt(inputs) {
