@@ -247,7 +247,7 @@ def test_page_segments_like_pytorch_in_headless_chromium(site, space, tmp_path):
             for name, model in models.items():
                 tab = open_page(browser, f"{server.url}/{name}/index.html", requests)
                 figures = check_member(tab, model, image, f"{server.url}/image.png",
-                                       screenshot=tmp_path / "screenshot.png" if name == "sam" else None)
+                                       screenshot=tmp_path / "screenshot.png" if name == "sam2" else None)
                 print(name, [{key: value for key, value in figure.items() if key != "mask"} for figure in figures])
                 tab.close()
             # the Space, served by the test Hub as any repository's files, loads the model repo at the pinned sha
