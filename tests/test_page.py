@@ -279,7 +279,10 @@ def test_page_files_are_written_beside_the_graphs(site):
             "vendor/ort-wasm-simd-threaded.asyncify.mjs", "vendor/ort-wasm-simd-threaded.asyncify.wasm",
             "onnx/vision_encoder.onnx", "config.json"} <= files
     assert (folder / "sam" / "page-config.json").read_text().strip() == '{\n  "model": "."\n}'
-    assert not re.search(r"https?://", (folder / "sam" / "page.js").read_text().split("*/")[-1].split("\n", 8)[-1])
+    # the page imports only what it carries, and names no other host
+    script = (folder / "sam" / "page.js").read_text()
+    assert re.findall(r"^import .* from '([^']+)';$", script, re.MULTILINE) == ["./vendor/transformers.min.js"]
+    assert "http" not in (folder / "sam" / "index.html").read_text()
 
 
 def test_missing_transformers_js_is_one_line_before_anything_slow(tmp_path):
