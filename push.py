@@ -374,8 +374,13 @@ def publish_space(args, assets, model_sha: str):
         page.write_page(folder, assets, page.page_config(args.repo_id, model_sha, constants.ENDPOINT))
         (folder / "README.md").write_text(page.space_card(args.space.split("/")[-1], args.repo_id, model_sha))
         step(f"Publishing the page as the static Space {args.space}, loading {args.repo_id} at {model_sha}")
-        return publish_folder(folder, args.space, repo_type="space", space_sdk="static", private=args.private,
-                              token=args.token, commit_message=f"Click-to-segment page for {args.repo_id}@{model_sha}")
+        try:
+            return publish_folder(folder, args.space, repo_type="space", space_sdk="static", private=args.private,
+                                  token=args.token,
+                                  commit_message=f"Click-to-segment page for {args.repo_id}@{model_sha}")
+        except ToolError as error:
+            raise ToolError(f"the model is committed ({args.repo_id}@{model_sha}), but the Space is not: {error}"
+                            ) from error
 
 
 def main(argv=None) -> int:
