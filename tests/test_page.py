@@ -314,3 +314,23 @@ def test_space_is_one_static_commit_naming_the_pinned_model(space):
     config = json.loads(hub.git(repo, "show", "main:page-config.json", repo_type="space"))
     assert config == {"model": "tester/sam-tiny", "revision": sha, "remote_host": hub.url + "/"}
     assert "Space: committed" in stdout and f"it loads tester/sam-tiny at {sha}" in stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repo-id", "a/b", "--space", "a/b..c"], "--space 'a/b..c'"),
+    (["--space", "a/demo", "--no-push", "--output-dir", "out"], "drop --no-push and --create-pr"),
+    (["--repo-id", "a/b", "--space", "a/demo", "--create-pr"], "drop --no-push and --create-pr"),
+    (["--repo-id", "a/b", "--transformers-js", "node_modules"], "--transformers-js needs --space"),
+])
+def test_space_arguments_are_checked_at_parse_time(args, message, capsys):
+    from sam_split import push
+
+    with pytest.raises(SystemExit):
+        push.parse_args(["--source", "random:vit-base", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_space_implies_onnx():
+    from sam_split import push
+
+    assert push.parse_args(["--source", "random:vit-base", "--repo-id", "a/b", "--space", "a/demo"]).onnx
