@@ -220,6 +220,12 @@ def check_member(tab, model, image, image_url: str, screenshot: Path | None = No
     figures.append(compare(first, model, image, first["points"], first["labels"], None))
     if screenshot is not None:
         tab.screenshot(path=str(screenshot))
+        # the download button saves the mask shown as a PNG at the image's size, white = object
+        with tab.expect_download() as download:
+            tab.click("#download")
+        saved = np.array(Image.open(download.value.path()).convert("L"))
+        assert download.value.suggested_filename == "mask.png"
+        assert np.array_equal(saved, figures[0]["mask"] * 255)
     second = click_image(tab, 50.5, 50.5, button="right")
     assert second["points"] == [[22.5, 28.5], [50.5, 50.5]] and second["labels"] == [1, 0]
     figures.append(compare(second, model, image, second["points"], second["labels"], None))
