@@ -12,6 +12,11 @@ input_labels, input_points, input_boxes -> iou_scores, pred_masks, object_score_
 `preprocessor_config.json` and a model card naming the base and adapter revisions. Before the folder appears,
 onnxruntime runs every graph on point and box prompts at batch 1 and 2 and must match the merged PyTorch model
 (fp32: --atol, default 1e-4); otherwise nothing is written. Needs the `onnx` extra: pip install -e ".[onnx]".
+
+--page also writes a click-to-segment page into the folder (index.html, page.js, page-config.json, vendor/ with
+transformers.min.js and onnxruntime-web's wasm, taken from --transformers-js, an npm node_modules folder holding
+@huggingface/transformers; default tests/js/node_modules). Serve the folder (python -m http.server) and open it; see
+docs/page.md.
 """
 
 import argparse
@@ -43,7 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also write onnx/*_quantized.onnx (onnxruntime dynamic int8 quantization)")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed abs difference of the fp32 graphs' outputs from PyTorch's (default 1e-4)")
+    parser.add_argument("--page", action="store_true",
+                        help="also write the click-to-segment page (index.html ...) into the folder; see docs/page.md")
+    parser.add_argument("--transformers-js", type=Path, metavar="NODE_MODULES",
+                        help="node_modules folder with @huggingface/transformers (and onnxruntime-web) for --page "
+                             "(default: tests/js/node_modules)")
     args = parser.parse_args(argv)
+    if args.transformers_js and not args.page:
+        parser.error("--transformers-js needs --page")
     if args.adapter_revision and not args.adapter:
         parser.error("--adapter-revision needs --adapter")
     if not (math.isfinite(args.atol) and args.atol > 0):  # inf or nan would turn the verification off
@@ -113,9 +125,10 @@ def model_card(model, adapter, differences: dict, files: list[str], prompts_note
 
 
 def export(args) -> None:
-    from sam_split.tools import onnx_export
+    from sam_split.tools import onnx_export, page
 
     onnx_export.require_onnx()  # before anything slow
+    assets = page.find_assets(args.transformers_js) if args.page else None
     from sam_split.tools.models import resolve_adapter, resolve_model
 
     # The resolver says what each argument holds: an adapter given as --model is refused, not exported as a merge
@@ -133,6 +146,8 @@ def export(args) -> None:
         card = model_card(model_location, adapter_location, differences, files,
                           onnx_export.export_spec(model.config).prompts_note)
         onnx_export.write_metadata(folder, model, preprocessor, card)
+        if assets is not None:
+            files += page.write_page(folder, assets, page.page_config())
     step(f"Wrote {args.output_dir} in {time.monotonic() - started:.0f} s: " + ", ".join(files))
 
 

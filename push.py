@@ -15,6 +15,9 @@ Offline (no Hub reachable), build and verify only, from a local checkpoint or fr
 
     python push.py --source random:vit-base --output-dir sam-vit-base-split --no-push
 
+With `--space ORG/NAME` (implies `--onnx`), a static Space follows in a commit of its own: the click-to-segment
+page (docs/page.md), loading this model repo at the sha just committed.
+
 The token comes from `HF_TOKEN` or `hf auth login` (or `--token`), the endpoint from `HF_ENDPOINT`. Any failure exits
 with status 1 and one `error:` line; nothing is committed and no folder is left half-written.
 """
@@ -37,7 +40,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from sam_split.split_qkv import describe_left_out
-from sam_split.tools import onnx_export
+from sam_split.tools import onnx_export, page
 from sam_split.tools.cli import ToolError, check_repo_id, check_revision, local_path, parse_size, run_tool, step
 from sam_split.tools.compat import hub_failure_types, set_hub_timeout, with_shipped_processor
 from sam_split.tools.family import (
@@ -138,6 +141,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     target.add_argument("--onnx", action="store_true",
                         help="also export onnx/ (onnxruntime, transformers.js; verified in onnxruntime) into the same "
                              "commit; needs the onnx extra: pip install -e \".[onnx]\"")
+    target.add_argument("--space", metavar="ORG/NAME",
+                        help="also publish the click-to-segment page as a static Space that loads this repo at the "
+                             "commit just made (implies --onnx; see docs/page.md)")
+    target.add_argument("--transformers-js", type=Path, metavar="NODE_MODULES",
+                        help="node_modules folder with @huggingface/transformers for --space (default: "
+                             "tests/js/node_modules)")
     checks = parser.add_argument_group("checks")
     checks.add_argument("--max-shard-size", default="5GB", help="split weights into shards of at most this size")
     checks.add_argument("--atol", type=float, default=1e-4,
@@ -152,6 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:  # everything the Hub would refuse after the long conversion is refused now, with the reason
         if args.repo_id is not None:
             check_repo_id(args.repo_id, flag="--repo-id")
+        if args.space is not None:
+            check_repo_id(args.space, flag="--space")
         check_revision(args.revision, flag="--revision")
         args.max_shard_size = parse_size(args.max_shard_size, flag="--max-shard-size")
         if args.output_dir is not None:
@@ -164,6 +175,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(error))
     except ValueError as error:
         parser.error(f"--source: {error}")
+    if args.space and (args.no_push or args.create_pr):
+        parser.error("--space loads the model at the commit pushed to a branch; drop --no-push and --create-pr")
+    if args.transformers_js and not args.space:
+        parser.error("--transformers-js needs --space")
+    args.onnx = args.onnx or bool(args.space)
     if args.create_pr and args.revision != "main":
         parser.error("--create-pr opens a pull request against the default branch; drop --revision")
     if not (math.isfinite(args.atol) and args.atol > 0):
@@ -333,6 +349,7 @@ def push(args) -> None:
     set_hub_timeout(args.timeout)
     if args.onnx:  # a missing onnx extra fails now, not after the long conversion
         onnx_export.require_onnx()
+    assets = page.find_assets(args.transformers_js) if args.space else None  # likewise the page's files
     if not args.no_push:  # a refused token fails now, not after the long conversion
         step(f"Pushing as {hub_user(args.token)} to {constants.ENDPOINT}")
     # The build folder first: an unwritable --output-dir is reported before the long conversion.
@@ -360,6 +377,8 @@ def push(args) -> None:
                 step(f"Deleted {len(commit.deleted)} files the folder does not hold: {', '.join(commit.deleted)}")
             note = f" ({commit.note})" if commit.note else ""
             step(f"Checked: commit {commit.sha} holds exactly the verified files{note}")
+    if assets is not None:
+        space = publish_space(args, assets, commit.sha)
     if not args.no_push:
         print(f"\nCommitted {commit.sha} to {args.repo_id}"
               + (f" as pull request {commit.url}" if commit.pull_request else f" ({commit.url})"))
@@ -369,8 +388,27 @@ def push(args) -> None:
                 from transformers import AutoModel
                 model = AutoModel.from_pretrained("{args.repo_id}", trust_remote_code=True, revision="{commit.sha}")
             """))
+    if assets is not None:
+        print(f"Space: committed {space.sha} to {space.url.rsplit('/commit/', 1)[0]}; it loads {args.repo_id} at "
+              f"{commit.sha}")
     if args.output_dir is not None:
         step(f"Repository written to {args.output_dir}")
+
+
+def publish_space(args, assets, model_sha: str):
+    """The click-to-segment page as a static Space (`args.space`) loading `args.repo_id` at `model_sha`, in one
+    commit."""
+    with atomic_output_dir(None) as folder:
+        page.write_page(folder, assets, page.page_config(args.repo_id, model_sha, constants.ENDPOINT))
+        (folder / "README.md").write_text(page.space_card(args.space.split("/")[-1], args.repo_id, model_sha))
+        step(f"Publishing the page as the static Space {args.space}, loading {args.repo_id} at {model_sha}")
+        try:
+            return publish_folder(folder, args.space, repo_type="space", space_sdk="static", private=args.private,
+                                  token=args.token,
+                                  commit_message=f"Click-to-segment page for {args.repo_id}@{model_sha}")
+        except ToolError as error:
+            raise ToolError(f"the model is committed ({args.repo_id}@{model_sha}), but the Space is not: {error}"
+                            ) from error
 
 
 def main(argv=None) -> int:

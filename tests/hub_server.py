@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A Hugging Face Hub-compatible HTTP server on 127.0.0.1 for offline tests (Python standard library + ``git``).
 
-Storage: every repository is a bare git repository under ``ROOT/repos/{models,datasets}/{namespace}/{name}.git``, so
-every commit has a real sha and old revisions stay readable. Files that ``.gitattributes`` routes to LFS (or that are
+Storage: every repository is a bare git repository under
+``ROOT/repos/{models,datasets,spaces}/{namespace}/{name}.git``, so every commit has a real sha and old revisions stay
+readable. Files that ``.gitattributes`` routes to LFS (or that are
 binary or over 10 MB) are committed as git-lfs pointers and stored by sha256 under ``ROOT/lfs/...``, as on the Hub.
 
 Uploads: the server speaks neither Xet nor the LFS transfer protocol. Its preupload answer is "regular" for every
@@ -12,7 +13,8 @@ fallback (an "lfs" file always goes through Xet), and this way it works with and
 Auth: one token acts as ``user``, a member of ``orgs``. Writes need the token (401, answered before any body is read)
 and a namespace of that user or one of its orgs (403). Reads need no token; private repositories are 404 without it.
 
-Endpoints (``{t}`` is ``models`` or ``datasets``; ``{p}`` is ``""`` or ``datasets/``; errors are JSON
+Endpoints (``{t}`` is ``models``, ``datasets`` or ``spaces``; ``{p}`` is ``""``, ``datasets/`` or ``spaces/``; a Space
+must be created with an ``sdk``, and its files are served like any repository's, not run; errors are JSON
 ``{"error": ...}`` with the Hub's status codes and ``X-Error-Code`` headers)::
 
     GET       /api/whoami-v2
@@ -69,8 +71,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 __all__ = ["HubServer", "main"]
 
 HOST = "127.0.0.1"
-REPO_TYPES = {"models": "model", "datasets": "dataset"}
-URL_PREFIX = {"model": "", "dataset": "datasets/"}
+REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
+URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
 # The orgs of the default user: the namespaces this project's tests push to besides "tester".
 DEFAULT_ORGS = ("forker", "upstream")
 ZERO_OID = "0" * 40
@@ -434,7 +437,7 @@ class Store:
 
 # An endpoint: (method, path pattern, handler, whether it writes). GET patterns also answer HEAD. Groups are matched on
 # the raw path and unquoted afterwards, so an encoded revision like "refs%2Fpr%2F1" stays one group.
-REPO = r"/api/(models|datasets)/([^/]+)/([^/]+)"
+REPO = r"/api/(models|datasets|spaces)/([^/]+)/([^/]+)"
 ROUTES = [
     ("GET", r"/api/whoami-v2", "whoami", False),
     ("POST", r"/api/repos/create", "create_repo", True),
@@ -451,7 +454,7 @@ ROUTES = [
     ("POST", REPO + r"/duplicate", "duplicate", True),
     ("POST", REPO + r"/discussions", "create_pull_request", True),
     ("GET", REPO + r"/discussions/(\d+)", "pull_request", False),
-    ("GET", r"/(?:(datasets)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)", "resolve_file", False),
+    ("GET", r"/(?:(datasets|spaces)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)", "resolve_file", False),
 ]
 ROUTES = [(method, re.compile(pattern), handler, writes) for method, pattern, handler, writes in ROUTES]
 
@@ -648,6 +651,8 @@ class Handler(BaseHTTPRequestHandler):
         repo_type = payload.get("type") or "model"
         if repo_type not in URL_PREFIX:
             raise HubError(400, f"Unsupported repo type: {repo_type!r}")
+        if repo_type == "space" and payload.get("sdk") not in SPACE_SDKS:
+            raise HubError(400, f"A Space needs an sdk, one of {', '.join(SPACE_SDKS)}")
         self.check_namespace(repo_id)
         url = self.repo_url(repo_type, repo_id)
         with self.store.lock:

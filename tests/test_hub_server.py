@@ -771,3 +771,24 @@ def test_injected_faults_apply_the_commit_and_lose_the_answer(hub, fault):
             raw_commit(hub, repo, {"a.txt": b"a"})
     assert hub.git(repo, "rev-parse", "main") != head  # applied all the same
     assert raw_commit(hub, repo, {"b.txt": b"b"})[0] == 200  # only the next commit loses its answer
+
+
+def test_space_repos_need_an_sdk_and_serve_their_files(hub):
+    """A Space is created with an sdk (else 400, as on the Hub), committed to and read like a model repository, at
+    /api/spaces/... and /spaces/.../resolve/...; it is not a model of the same name."""
+    status, reply, _ = request(hub, "POST", "/api/repos/create", {"name": "tester/demo", "type": "space"})
+    assert status == 400 and "sdk" in reply["error"], reply
+    payload = {"name": "tester/demo", "type": "space", "sdk": "static"}
+    status, reply, _ = request(hub, "POST", "/api/repos/create", payload)
+    assert status == 200 and reply["url"].endswith("/spaces/tester/demo"), reply
+    lines = [{"key": "header", "value": {"summary": "page"}},
+             {"key": "file", "value": {"path": "index.html", "content": base64.b64encode(b"<p>hi</p>").decode(),
+                                       "encoding": "base64"}}]
+    status, reply, _ = request(hub, "POST", "/api/spaces/tester/demo/commit/main",
+                               body=b"\n".join(json.dumps(line).encode() for line in lines),
+                               content_type="application/x-ndjson")
+    assert status == 200, reply
+    assert request(hub, "GET", "/api/spaces/tester/demo")[1]["sha"] == reply["commitOid"]
+    assert request(hub, "GET", "/api/models/tester/demo")[0] == 404
+    status, body, response = request(hub, "GET", "/spaces/tester/demo/resolve/main/index.html")
+    assert (status, body, response.getheader("Content-Type")) == (200, b"<p>hi</p>", "text/html")

@@ -27,6 +27,7 @@ def test_non_editable_install_renders_the_model_card(tmp_path):
     assert (installed / "model_card_template.md").is_file()
     assert {"push.py", "compat.py", "modeling_sam_split.py"} <= {path.name for path in installed.iterdir()}
     assert {"cli.py", "verify.py", "data.py"} <= {path.name for path in (installed / "tools").iterdir()}
+    assert {"index.html", "page.js"} <= {path.name for path in (installed / "tools" / "page").iterdir()}  # --page
     # The installed copy alone (PYTHONPATH is the install, not this checkout) renders a card.
     out = run_python(
         textwrap.dedent("""

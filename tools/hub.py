@@ -80,10 +80,11 @@ def folder_files(folder: Path) -> dict[str, tuple[int, str, str]]:
     return files
 
 
-def tree_differences(api: HfApi, repo_id: str, sha: str, local: dict[str, tuple[int, str, str]]) -> list[str]:
+def tree_differences(api: HfApi, repo_id: str, sha: str, local: dict[str, tuple[int, str, str]],
+                     repo_type: str = "model") -> list[str]:
     """How the repository's tree at commit `sha` differs from `local` (see `folder_files`), in words; [] when it holds
     exactly those files with those contents (besides the Hub's own .gitattributes)."""
-    remote = {item.path: item for item in api.list_repo_tree(repo_id, revision=sha, recursive=True)
+    remote = {item.path: item for item in api.list_repo_tree(repo_id, revision=sha, recursive=True, repo_type=repo_type)
               if isinstance(item, RepoFile)}
     problems = [f"{path} is not in the folder" for path in sorted(set(remote) - set(local))
                 if path not in HUB_OWN_FILES]
@@ -97,47 +98,49 @@ def tree_differences(api: HfApi, repo_id: str, sha: str, local: dict[str, tuple[
     return problems
 
 
-def _file_ids(api: HfApi, repo_id: str, sha: str) -> dict[str, str]:
+def _file_ids(api: HfApi, repo_id: str, sha: str, repo_type: str = "model") -> dict[str, str]:
     """{path: content id (the LFS sha256, else the git blob id)} of every file of the tree at commit `sha`."""
     return {item.path: item.lfs.sha256 if item.lfs else item.blob_id
-            for item in api.list_repo_tree(repo_id, revision=sha, recursive=True) if isinstance(item, RepoFile)}
+            for item in api.list_repo_tree(repo_id, revision=sha, recursive=True, repo_type=repo_type)
+            if isinstance(item, RepoFile)}
 
 
-def foreign_files(api: HfApi, repo_id: str, head: str, paths: list[str]) -> list[str]:
+def foreign_files(api: HfApi, repo_id: str, head: str, paths: list[str], repo_type: str = "model") -> list[str]:
     """Those of `paths` (files of the branch at `head`) that no commit of `publish_folder` wrote as they are now: a
     file someone added or changed since our last push. Our commits are found in the branch's history by
     PUBLISH_MARK; the newest OWN_COMMITS_READ of them are read."""
-    now = _file_ids(api, repo_id, head)
+    now = _file_ids(api, repo_id, head, repo_type)
     left = set(paths)
     read = 0
-    for commit in api.list_repo_commits(repo_id, revision=head):
+    for commit in api.list_repo_commits(repo_id, revision=head, repo_type=repo_type):
         if not left or read >= OWN_COMMITS_READ:
             break
         if PUBLISH_MARK not in f"{commit.title}\n{commit.message}":
             continue
         read += 1
-        ours = _file_ids(api, repo_id, commit.commit_id)
+        ours = _file_ids(api, repo_id, commit.commit_id, repo_type)
         left = {path for path in left if ours.get(path) != now.get(path)}
     return sorted(left)
 
 
-def push_target(api: HfApi, repo_id: str, branch: str) -> str:
+def push_target(api: HfApi, repo_id: str, branch: str, repo_type: str = "model") -> str:
     """What `branch` is: "pr" (a pull request `refs/pr/N`, which must exist), "branch" (created from main if
     missing); a tag is refused (`ToolError`): a push does not move a tag, nor make a branch of the same name."""
     if branch.startswith(PR_REF):
         return "pr"
-    refs = api.list_repo_refs(repo_id)
+    refs = api.list_repo_refs(repo_id, repo_type=repo_type)
     if branch in {tag.name for tag in refs.tags} and branch not in {ref.name for ref in refs.branches}:
         raise ToolError(f"--revision {branch} is a tag of {repo_id}, not a branch: a push goes to a branch (created "
                         "from main if missing) or to a pull request (refs/pr/N); nothing was committed")
     if branch != "main" and branch not in {ref.name for ref in refs.branches}:
-        api.create_branch(repo_id, branch=branch, exist_ok=True)
+        api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type=repo_type)
     return "branch"
 
 
 def publish_folder(folder: Path, repo_id: str, *, commit_message: str, revision: str | None = None,
                    create_pr: bool = False, private: bool = False, token: str | None = None,
-                   replace_all: bool = False) -> PublishedCommit:
+                   replace_all: bool = False, repo_type: str = "model",
+                   space_sdk: str | None = None) -> PublishedCommit:
     """Make the model repository `repo_id` at branch `revision` (default main) hold exactly `folder`, in one commit.
 
     The commit adds every file of the folder and deletes every file the folder does not hold (the Hub's own
@@ -154,29 +157,31 @@ def publish_folder(folder: Path, repo_id: str, *, commit_message: str, revision:
     repository is looked at for the commit, by a unique marker in its description: found, it is returned with a note;
     not found, `ToolError` says nothing was committed; unknown, `ToolError` says how to check. Every other Hub or
     network failure is a `ToolError` with the server's reason. (Call `compat.set_hub_timeout` first, or an unanswered
-    request waits forever.)
+    request waits forever.) `repo_type` "space" publishes a Space (created with `space_sdk`).
     """
     if create_pr and revision not in (None, "main"):
         raise ValueError("create_pr opens a pull request against the default branch; pass no revision")
     api, branch = HfApi(token=token), revision or "main"
+    typed = {"repo_type": repo_type}
     local = folder_files(folder)
     if not local:
         raise ToolError(f"{folder} holds no file: publishing it would delete every file of {repo_id}@{branch}; "
                         "nothing was committed")
     with hub_errors(f"upload to {repo_id} at {api.endpoint} failed (nothing was committed)"):
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        kind = push_target(api, repo_id, branch)
-        head = api.repo_info(repo_id, revision=branch).sha
-        stale = tree_differences(api, repo_id, head, local)
+        api.create_repo(repo_id, private=private, exist_ok=True, space_sdk=space_sdk, **typed)
+        kind = push_target(api, repo_id, branch, repo_type)
+        head = api.repo_info(repo_id, revision=branch, **typed).sha
+        stale = tree_differences(api, repo_id, head, local, repo_type)
         missing = " is not in the folder"
         remote_only = [line.removesuffix(missing) for line in stale if line.endswith(missing)]
-        foreign = foreign_files(api, repo_id, head, remote_only) if remote_only and not replace_all else []
+        foreign = (foreign_files(api, repo_id, head, remote_only, repo_type) if remote_only and not replace_all
+                   else [])
     if foreign:
         raise ToolError(f"{repo_id}@{branch} holds {len(foreign)} files that no push of sam-split wrote (added or "
                         f"changed since): {', '.join(foreign)}. The push would delete them: add them to the folder, "
                         "or pass --replace-all to delete them; nothing was committed")
     if not stale and not create_pr:
-        return PublishedCommit(repo_id, head, f"{api.endpoint}/{repo_id}/commit/{head}", False,
+        return PublishedCommit(repo_id, head, f"{repo_page(api, repo_id, repo_type)}/commit/{head}", False,
                                note=f"{repo_id}@{branch} already holds exactly this folder: nothing to commit")
     marker = f"{PUBLISH_MARK} {uuid.uuid4().hex}"
     description = marker + (f"\n\nDeletes {len(remote_only)} files the published folder does not hold: "
@@ -185,16 +190,17 @@ def publish_folder(folder: Path, repo_id: str, *, commit_message: str, revision:
     operations += [CommitOperationDelete(path_in_repo=path) for path in remote_only]
     try:
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, commit_description=description,
-                                   revision=None if create_pr else branch, create_pr=create_pr, parent_commit=head)
+                                   revision=None if create_pr else branch, create_pr=create_pr, parent_commit=head,
+                                   **typed)
         url = commit.pr_url or commit.commit_url
         if kind == "pr":
-            url = f"{api.endpoint}/{repo_id}/discussions/{branch.removeprefix(PR_REF)}"
+            url = f"{repo_page(api, repo_id, repo_type)}/discussions/{branch.removeprefix(PR_REF)}"
         published = PublishedCommit(repo_id, commit.oid, url, bool(commit.pr_url) or kind == "pr",
                                     deleted=tuple(remote_only))
     except hub_failure_types() as error:
-        published = landed_commit(api, repo_id, branch, head, marker, create_pr, error)
+        published = landed_commit(api, repo_id, branch, head, marker, create_pr, error, repo_type)
         published = PublishedCommit(**{**published.__dict__, "deleted": tuple(remote_only)})
-    check_published(api, published, local)
+    check_published(api, published, local, repo_type)
     return published
 
 
@@ -226,8 +232,13 @@ def within(seconds: float | None, call):
     return outcome["value"]
 
 
+def repo_page(api: HfApi, repo_id: str, repo_type: str = "model") -> str:
+    """The repository's address on the Hub (a Space's and a dataset's have a prefix)."""
+    return f"{api.endpoint}/{ {'model': '', 'dataset': 'datasets/', 'space': 'spaces/'}[repo_type]}{repo_id}"
+
+
 def landed_commit(api: HfApi, repo_id: str, branch: str, head: str, marker: str, create_pr: bool,
-                  error: BaseException) -> PublishedCommit:
+                  error: BaseException, repo_type: str = "model") -> PublishedCommit:
     """After a failed commit request: the commit if it landed all the same (found by `marker`), else a `ToolError`
     saying that nothing was committed, or that it cannot be told. The lookup takes at most LOOKUP_TIMEOUTS times the
     Hub timeout (`compat.set_hub_timeout`) in all."""
@@ -235,18 +246,18 @@ def landed_commit(api: HfApi, repo_id: str, branch: str, head: str, marker: str,
 
     def search() -> PublishedCommit | None:
         if create_pr:
-            refs = api.list_repo_refs(repo_id, include_pull_requests=True).pull_requests or []
+            refs = api.list_repo_refs(repo_id, include_pull_requests=True, repo_type=repo_type).pull_requests or []
             candidates = [ref.ref for ref in refs]
         else:
             candidates = [branch]
         for ref in candidates:
-            for commit in api.list_repo_commits(repo_id, revision=ref):
+            for commit in api.list_repo_commits(repo_id, revision=ref, repo_type=repo_type):
                 if commit.commit_id == head:
                     break
                 if marker in f"{commit.title}\n{commit.message}":
                     number = ref.rpartition("/")[2]
-                    url = (f"{api.endpoint}/{repo_id}/discussions/{number}" if create_pr
-                           else f"{api.endpoint}/{repo_id}/commit/{commit.commit_id}")
+                    page = repo_page(api, repo_id, repo_type)
+                    url = f"{page}/discussions/{number}" if create_pr else f"{page}/commit/{commit.commit_id}"
                     return PublishedCommit(repo_id, commit.commit_id, url, create_pr, note=(
                         f"the Hub's answer to the commit was lost ({answer}), but the commit landed: "
                         f"{commit.commit_id}"))
@@ -269,10 +280,11 @@ def landed_commit(api: HfApi, repo_id: str, branch: str, head: str, marker: str,
     raise ToolError(failure) from error
 
 
-def check_published(api: HfApi, published: PublishedCommit, local: dict[str, tuple[int, str, str]]) -> None:
+def check_published(api: HfApi, published: PublishedCommit, local: dict[str, tuple[int, str, str]],
+                    repo_type: str = "model") -> None:
     """A `ToolError` unless the tree of the published commit holds exactly the `local` files."""
     with hub_errors(f"{published.repo_id}: committed {published.sha}, but reading its file list back failed"):
-        problems = tree_differences(api, published.repo_id, published.sha, local)
+        problems = tree_differences(api, published.repo_id, published.sha, local, repo_type)
     if problems:
         raise ToolError(f"{published.repo_id}: commit {published.sha} does not hold exactly the verified folder: "
                         f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}; do not use that sha")
