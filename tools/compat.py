@@ -5,6 +5,8 @@ the tools branches on a version or on torchvision. The model files keep theirs i
 
 import importlib.util
 
+import numpy as np
+import torch
 import transformers
 from huggingface_hub import utils
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
@@ -97,7 +99,7 @@ def with_shipped_processor(contents: dict, auto_map: dict) -> dict:
 #   - 4.57 `SamImageProcessor` (numpy/PIL): imported at module level only `if is_torchvision_available()`, so the call
 #     fails with a NameError;
 #   - SAM 2's image processors (5.23 `Sam2ImageProcessor`, 4.57 `Sam2ImageProcessorFast`) and the torchvision SAM ones
-#     import torchvision at module level; without it the tools use `Sam2ImageProcessorPil`, which has no
+#     import torchvision at module level; without it the tools use `Sam2SplitImageProcessor`, which has no
 #     mask-generation methods: SAM's image processor's stand in (the same computations, copied in transformers from
 #     SAM to SAM 2; the tests compare the two where torchvision is installed).
 # `generate_crop_boxes` and `filter_masks` need no torchvision anywhere. So the fallback is injected here, once: where
@@ -110,7 +112,7 @@ def torchvision_available() -> bool:
 
 def mask_generation_processor(image_processor):
     """The image processor whose `generate_crop_boxes`, `filter_masks` and `post_process_for_mask_generation` serve
-    `image_processor`'s model: itself, or for the SAM 2 stand-in (`Sam2ImageProcessorPil`) SAM's image processor."""
+    `image_processor`'s model: itself, or for the SAM 2 stand-in (`Sam2SplitImageProcessor`) SAM's image processor."""
     if hasattr(image_processor, "filter_masks"):
         return image_processor
     return sam_image_processor_class()()
