@@ -135,11 +135,11 @@ def test_a_nan_or_all_zero_adapter_is_refused(folders, kind, message):
 
 
 def test_finetune_records_the_base_model_type(folders, tmp_path):
-    from sam_split import finetune
+    from sam_split.tools.adapter import save_adapter
 
     root, bases, adapters = folders
     adapter = add_lora(load_base(bases["sam_hq"]), rank=2, seed=3)
-    finetune.save_adapter(adapter, tmp_path / "out", "card")
+    save_adapter(adapter, tmp_path / "out", "card")
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["auto_mapping"][BASE_MODEL_TYPE_KEY] == "sam_hq_split"
     with pytest.raises(ToolError, match="trained on another family member"):

@@ -23,7 +23,7 @@ from sam_testing import hub_env, max_abs_diff, random_stock_sam, run_python, sam
 from transformers import SamModel
 
 from sam_split import SamSplitModel, evaluate, finetune
-from sam_split.tools import segmentation
+from sam_split.tools import segmentation, training
 from sam_split.tools.cli import ToolError, run_tool
 from sam_split.tools.data import DataError, DataOptions, open_source, scan
 from sam_split.tools.family import trainable_
@@ -279,12 +279,12 @@ def test_evaluate_py_scores_the_base_and_the_adapter_as_validation_did(data, dec
 def test_best_checkpoint_is_the_saved_adapter_and_early_stop(data, tmp_path, monkeypatch, capsys):
     """Validation scores forced to peak at step 2: the adapter is step 2's, and patience 1 stops at step 4."""
     dice_by_step = iter([0.1, 0.9, 0.5, 0.95])
-    real = finetune.summarize
+    real = training.summarize
 
     def fixed_scores(records, class_names):
         return {**real(records, class_names), "dice": next(dice_by_step)}
 
-    monkeypatch.setattr(finetune, "summarize", fixed_scores)
+    monkeypatch.setattr(training, "summarize", fixed_scores)
     out = tmp_path / "out"
     run(data, out, "--val-data", data["val"], "--eval-every", 2, "--max-steps", 8, "--lr", "1e-2", "--save-every", 2,
         "--keep-checkpoints", 0, "--metric-for-best", "dice", "--early-stopping-patience", 1)
@@ -678,7 +678,7 @@ def test_model_that_is_not_a_sam_split_model_is_one_line(data, tmp_path, monkeyp
 @pytest.mark.slow
 def test_validation_progress_and_a_tie_with_the_base_says_so_in_the_card(data, tmp_path, monkeypatch, capsys):
     """Validation scores that never beat step 0's: the adapter is the untrained one, and card and log say it."""
-    monkeypatch.setattr(finetune, "summarize", lambda records, names: {**segmentation.summarize(records, names),
+    monkeypatch.setattr(training, "summarize", lambda records, names: {**segmentation.summarize(records, names),
                                                                         "dice": 0.5})
     out = tmp_path / "out"
     run(data, out, "--val-data", data["val"], "--eval-every", 1, "--max-steps", 2, "--lr", "1e-2",
@@ -701,14 +701,14 @@ def test_max_steps_has_a_default(data, tmp_path):
 def test_validation_that_has_not_moved_at_all_says_so(data, tmp_path, monkeypatch, capsys):
     """Every validation scoring exactly as step 0 (as the issue's 40 steps of random:sam-tiny at the old defaults did:
     Dice in the 6th digit, loss identical): one line says so, and what to change."""
-    real_validate, first = finetune.validate, []
+    real_validate, first = training.validate, []
 
     def frozen_validate(session, validation):
         entry, overlay_dir = real_validate(session, validation)
         first.append(first[0] if first else entry)
         return {**first[0], "step": entry["step"]}, overlay_dir
 
-    monkeypatch.setattr(finetune, "validate", frozen_validate)
+    monkeypatch.setattr(training, "validate", frozen_validate)
     run(data, tmp_path / "out", "--val-data", data["val"], "--eval-every", 1, "--max-steps", 2)
     [line] = [line for line in capsys.readouterr().out.splitlines() if NOT_MOVED in line]
     assert "step 2 scores exactly as step 0" in line and "--lr" in line and "--train-decoder" in line
@@ -718,7 +718,7 @@ def test_validation_that_has_not_moved_at_all_says_so(data, tmp_path, monkeypatc
 def test_interrupt_hint_unfinished_publish_refused_torn_metrics_resumed(data, tmp_path, monkeypatch, capsys):
     """Ctrl-C at step 3: exit 130 and where to resume from; the run's intermediate adapter is not published or
     merged without --allow-unfinished; a torn metrics.jsonl line is dropped on --resume; the finished run merges."""
-    real_step, calls = finetune.train_step, []
+    real_step, calls = training.train_step, []
 
     def interrupted_at_step_3(*args, **kwargs):
         calls.append(1)
@@ -726,7 +726,7 @@ def test_interrupt_hint_unfinished_publish_refused_torn_metrics_resumed(data, tm
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_step", interrupted_at_step_3)
+    monkeypatch.setattr(training, "train_step", interrupted_at_step_3)
     out = tmp_path / "out"
     argv = ["--model", str(data["base"]), "--train-data", str(data["train"]), "--val-data", str(data["val"]),
             "--output-dir", str(out), "--max-steps", "3", "--eval-every", "1", "--save-every", "1",
@@ -750,7 +750,7 @@ def test_interrupt_hint_unfinished_publish_refused_torn_metrics_resumed(data, tm
 
     with (out / "metrics.jsonl").open("a") as file:
         file.write('{"step": 3, "loss": 0.')  # killed while writing
-    monkeypatch.setattr(finetune, "train_step", real_step)
+    monkeypatch.setattr(training, "train_step", real_step)
     AcceleratorState._reset_state(reset_partial_state=True)
     finetune.main([*argv, "--resume"])
     assert "dropped the torn last line of" in capsys.readouterr().out

@@ -141,7 +141,7 @@ def test_python_blocks_run_as_written_against_the_test_hub(tmp_path):
     from sam_testing import hub_env, random_stock, tiny_sam2_config, tiny_sam_hq_config
     from transformers import Sam2Model, SamHQModel
 
-    from sam_split import finetune
+    from sam_split.tools.adapter import AUTO_MAPPING
 
     blocks = {name: next(code for lang, code in BLOCKS if lang == "python" and line in code)
               for name, line in HUB_BLOCKS.items()}
@@ -162,7 +162,7 @@ def test_python_blocks_run_as_written_against_the_test_hub(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         folders["my-org/sam-vit-base-split"] = str(tmp_path / "sam-vit-base-split")
         torchvision = importlib.util.find_spec("torchvision") is not None
-        names = {"uploads": folders, "auto_mapping": finetune.AUTO_MAPPING}
+        names = {"uploads": folders, "auto_mapping": AUTO_MAPPING}
         result = subprocess.run(
             [sys.executable, "-c", CHILD, json.dumps(blocks), json.dumps(names), "1" if torchvision else "0"],
             cwd=tmp_path / "work", capture_output=True, text=True, timeout=900,

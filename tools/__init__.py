@@ -11,6 +11,8 @@ code, and none of it is published with a model repository.
 - `processing`: per family, the processor, the low-resolution mask grid and target, the decoding options.
 - `data`: every dataset format, read as images with prompt targets.
 - `segmentation`: the prompted-segmentation task: prompts, losses, scores.
+- `training`: finetune.py's training loop: checkpoints and resume, the sampler, the step, validation, reports.
+- `adapter`: the fine-tuned adapter as files and on the Hub: saving, pushing, merging into a stock SamModel.
 - `adapter_card`: the fine-tuned adapter's model card.
 - `visualize`: overlays and training curves.
 - `onnx_export`: ONNX graphs for onnxruntime and transformers.js, verified in onnxruntime.
