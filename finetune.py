@@ -48,7 +48,7 @@ from peft import PeftModel
 from sam_split.tools.adapter import check_merge_to_sam, publish, publish_finished, trainable_state
 from sam_split.tools.adapter_card import data_description, hub_dataset
 from sam_split.tools.arguments import add_loader_arguments, add_model_arguments, add_prompt_arguments, integer, number
-from sam_split.tools.cli import Location, ToolError, check_name_lengths, locate, run_tool
+from sam_split.tools.cli import Location, ToolError, locate, run_tool
 from sam_split.tools.compat import set_hub_timeout
 from sam_split.tools.data import add_data_arguments, data_options, open_source, scan
 from sam_split.tools.files import check_new_folder
@@ -57,16 +57,15 @@ from sam_split.tools.processing import model_processor
 from sam_split.tools.segmentation import PromptedImages, collate
 from sam_split.tools.training import (
     BEST_METRICS,
-    CHECKPOINTS,
     Recipe,
     Schedule,
     Session,
     TrainState,
     Validation,
     build_model,
+    check_output_dir,
     finish,
     keep_trainable_weights,
-    latest_checkpoint,
     make_accelerator,
     make_optimizer,
     start,
@@ -292,19 +291,6 @@ class Settings:
         return Schedule(self.max_steps, self.eval_every, self.save_every, self.keep_checkpoints, self.metric_for_best,
                         self.early_stopping_patience, list(self.trackers))
 
-
-def check_output_dir(path: Path, resume: str | None) -> None:
-    """A `ToolError` unless `path` can receive this run's outputs: a new folder, or with --resume a run's folder.
-    Checked before anything slow, creating nothing (a failed run leaves no empty folder behind)."""
-    check_name_lengths(path, flag="--output-dir")
-    try:
-        check_new_folder(path, empty=not resume)
-    except ToolError as error:
-        if not resume and path.is_dir() and any(path.iterdir()):  # it may be a run to continue
-            raise ToolError(f"{error}, or pass --resume to continue its run") from None
-        raise
-    if resume == "latest" and latest_checkpoint(path) is None:
-        raise ToolError(f"--resume: no checkpoint in {path / CHECKPOINTS}")
 
 # ----------------------------------------------------------------------------------------------------------- steps
 

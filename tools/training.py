@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .adapter import RUN_RECORD, all_finite, save_adapter, trainable_state, write_card
-from .cli import Location, ToolError
-from .files import atomic_output_dir
+from .cli import Location, ToolError, check_name_lengths
+from .files import atomic_output_dir, check_new_folder
 from .segmentation import PromptedImages, collate, evaluate, object_losses, summarize
 from .visualize import overlay, plot_curves
 
@@ -183,6 +183,20 @@ def resume_hint(output_dir: Path) -> str:
     if checkpoint is None:
         return "no checkpoint was saved (--save-every N saves them), so a new run starts from the beginning"
     return f"the last checkpoint is {checkpoint}: run the same command with --resume to continue from it"
+
+
+def check_output_dir(path: Path, resume: str | None) -> None:
+    """A `ToolError` unless `path` can receive this run's outputs: a new folder, or with --resume a run's folder.
+    Checked before anything slow, creating nothing (a failed run leaves no empty folder behind)."""
+    check_name_lengths(path, flag="--output-dir")
+    try:
+        check_new_folder(path, empty=not resume)
+    except ToolError as error:
+        if not resume and path.is_dir() and any(path.iterdir()):  # it may be a run to continue
+            raise ToolError(f"{error}, or pass --resume to continue its run") from None
+        raise
+    if resume == "latest" and latest_checkpoint(path) is None:
+        raise ToolError(f"--resume: no checkpoint in {path / CHECKPOINTS}")
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
