@@ -118,8 +118,9 @@ def test_random_names_cover_every_member_and_keep_the_old_ones():
     assert {"random:vit-base", "random:vit-large", "random:vit-huge", "random:sam-vit-base", "random:sam-tiny",
             "random:sam-hq-vit-base", "random:sam-hq-vit-huge", "random:sam2.1-hiera-tiny",
             "random:sam2.1-hiera-base-plus", "random:sam2.1-hiera-large", "random:sam-hq-tiny",
-            "random:sam2.1-tiny"} <= set(names)
+            "random:sam2.1-tiny", "random:sam2.1-video-tiny", "random:sam2.1-video-hiera-large"} <= set(names)
     assert member_for_random("vit-base").name == "SAM" and member_for_random("sam2.1-hiera-small").name == "SAM 2.1"
+    assert member_for_random("sam2.1-video-tiny").twin.__name__ == "Sam2VideoSplitModel"
     assert parse_source("random:sam-hq-vit-large", None).name == "sam-hq-vit-large"
     with pytest.raises(ValueError, match="expected one of random:vit-base.*random:sam2.1-hiera-large"):
         parse_source("random:sam2-hiera-tiny", None)
