@@ -64,6 +64,17 @@ class Sam2SplitMultiScaleAttention(Sam2MultiScaleAttention):
         return self.proj(attn_output)
 
 
+def split_hiera_attention_(vision_encoder: nn.Module) -> None:
+    """Replace the fused-`qkv` attention of every Hiera block of a SAM 2 vision encoder (`Sam2VisionModel`, the image
+    and the video model's alike) by `Sam2SplitMultiScaleAttention`, in place. Called in a twin's `__init__`, before any
+    weight is loaded, so loading fills q/k/v from the checkpoint like every other weight."""
+    for block in vision_encoder.backbone.blocks:
+        stock = block.attn
+        block.attn = Sam2SplitMultiScaleAttention(
+            stock.config, stock.dim, stock.dim_out, stock.num_attention_heads, stock.query_stride
+        )
+
+
 def _sam2_image_config(video_config_dict: dict) -> Sam2Config:
     """The image model's config from a `sam2_video` config dict: its vision encoder, prompt encoder and mask decoder
     (the memory modules' sizes are left out with their weights)."""
@@ -88,12 +99,7 @@ class Sam2SplitModel(SplitTwinMixin, CheckpointingMixin, Sam2Model):
 
     def __init__(self, config: Sam2SplitConfig):
         super().__init__(config)
-        # Built before any weight is loaded, so loading fills q/k/v from the checkpoint like every other weight.
-        for block in self.vision_encoder.backbone.blocks:
-            stock = block.attn
-            block.attn = Sam2SplitMultiScaleAttention(
-                stock.config, stock.dim, stock.dim_out, stock.num_attention_heads, stock.query_stride
-            )
+        split_hiera_attention_(self.vision_encoder)
         self.post_init()
 
 
@@ -102,4 +108,4 @@ Sam2SplitConfig.register_for_auto_class()
 Sam2SplitModel.register_for_auto_class("AutoModel")
 register_for_mask_generation(Sam2SplitConfig.model_type, Sam2SplitModel.__name__)
 
-__all__ = ["Sam2SplitModel", "Sam2SplitMultiScaleAttention"]
+__all__ = ["Sam2SplitModel", "Sam2SplitMultiScaleAttention", "split_hiera_attention_"]

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import Sam2Processor
+from transformers import Sam2Processor, Sam2VideoProcessor
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from transformers.processing_utils import ProcessorMixin
 
 from .compat import accept_any_image_processor
 
@@ -112,4 +113,33 @@ class Sam2SplitProcessor(Sam2Processor):
     `Sam2Processor` accepts only its torchvision one: `compat.accept_any_image_processor`)."""
 
 
-__all__ = ["Sam2SplitImageProcessor", "Sam2SplitProcessor"]
+class _FramesAsImages:
+    """What `Sam2VideoProcessor.init_video_session` asks of its video processor (`pixel_values_videos` and
+    `original_sizes` of one video), done frame by frame by an image processor."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, videos, device=None, return_tensors=None, **kwargs) -> BatchFeature:
+        frames = self.image_processor(images=list(videos), return_tensors="pt")
+        pixels = frames["pixel_values"] if device is None else frames["pixel_values"].to(device)
+        return BatchFeature({"pixel_values_videos": pixels[None], "original_sizes": frames["original_sizes"][:1]})
+
+
+@accept_any_image_processor
+class Sam2SplitVideoProcessor(Sam2VideoProcessor):
+    """`Sam2VideoProcessor` (its inference sessions, prompt handling and mask post-processing) whose frames go through
+    `Sam2SplitImageProcessor` (or any image processor) instead of transformers' torchvision-only video processor:
+    `init_video_session(video=frames)` takes a list of frames (PIL images or HxWx3 arrays); streaming takes each
+    frame's `processor(images=frame).pixel_values[0]`, as with stock."""
+
+    attributes = ["image_processor"]  # noqa: RUF012 - 4.57 reads this list; 5.x reads `__init__`'s arguments
+
+    def __init__(self, image_processor, target_size: int | None = None, point_pad_value: int = -10, **kwargs):
+        ProcessorMixin.__init__(self, image_processor, **kwargs)
+        self.video_processor = _FramesAsImages(self.image_processor)
+        self.point_pad_value = point_pad_value
+        self.target_size = target_size if target_size is not None else self.image_processor.size["height"]
+
+
+__all__ = ["Sam2SplitImageProcessor", "Sam2SplitProcessor", "Sam2SplitVideoProcessor"]

@@ -8,8 +8,12 @@ builds the repository in a temporary folder (code files, config.json with a loca
 weights, the source's processor config, a model card), reloads it in a fresh process through
 `AutoModel.from_pretrained(..., trust_remote_code=True)` and compares the outputs with the source model's on a fixed
 input (image embeddings, masks and IoU scores; SAM-HQ's intermediate embeddings, SAM 2's every feature level and object
-scores), and only then uploads everything in a single commit. It prints the commit sha to
-pin with `revision=`.
+scores; the SAM 2 video twin's tracked masks over a short clip), and only then uploads everything in a single commit.
+It prints the commit sha to pin with `revision=`.
+
+A SAM 2 video checkpoint (`sam2_video`: facebook/sam2.1-hiera-* are) becomes the video twin, `Sam2VideoSplitModel`,
+which tracks and keeps every memory weight; `--image-only` builds its image model instead (`Sam2SplitModel`, the video
+memory weights left out and named), which is also what `--onnx` exports.
 
 Offline (no Hub reachable), build and verify only, from a local checkpoint or from random weights:
 
@@ -47,6 +51,7 @@ from sam_split.tools.family import (
     RANDOM_PREFIX,
     Member,
     checkpoint_model_type,
+    image_member,
     member_for_config,
     member_for_model_type,
     member_for_random,
@@ -114,9 +119,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="stock SAM, SAM-HQ or SAM 2/2.1 (image or video) checkpoint: a Hub model id, a local folder, or "
              "random:<size> for a randomly initialised model (demonstration only: its masks mean nothing), "
              "<size> one of sam-vit-base|large|huge, sam-hq-vit-base|large|huge, "
-             "sam2.1-hiera-tiny|small|base-plus|large (vit-base|large|huge: SAM's), or the small sam-tiny, "
-             "sam-hq-tiny, sam2.1-tiny (256x256 images: each fine-tunes in minutes on a CPU)",
+             "sam2.1-hiera-tiny|small|base-plus|large, sam2.1-video-hiera-tiny|small|base-plus|large "
+             "(vit-base|large|huge: SAM's), or the small sam-tiny, sam-hq-tiny, sam2.1-tiny (256x256 images: each "
+             "fine-tunes in minutes on a CPU), sam2.1-video-tiny (128x128, tracks on a CPU)",
     )
+    source.add_argument("--image-only", action="store_true",
+                        help="for a SAM 2 video checkpoint (facebook/sam2.1-hiera-* are): publish its image model "
+                             "(Sam2SplitModel), leaving the video memory weights out; by default it becomes the video "
+                             "twin (Sam2VideoSplitModel), which tracks, with every weight")
     source.add_argument("--source-revision", help="branch, tag or commit of a Hub --source")
     source.add_argument("--allow-pickle", action="store_true",
                         help="accept a source with only pytorch_model.bin (pickle) weights; safetensors is required "
@@ -193,18 +203,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 @dataclass(frozen=True)
 class Loaded:
     """The source's stock model, its family member, and the weights of the checkpoint left out (SAM 2 video's
-    memory: the twin is the image model)."""
+    memory, with `--image-only`: the twin is the image model)."""
 
     member: Member
     model: torch.nn.Module
     left_out: list
 
 
-def load_source(source: Source, allow_pickle: bool) -> Loaded:
-    """The stock model to convert; refuses anything that is not a complete stock checkpoint of the SAM family."""
+def load_source(source: Source, allow_pickle: bool, image_only: bool = False) -> Loaded:
+    """The stock model to convert; refuses anything that is not a complete stock checkpoint of the SAM family. With
+    `image_only`, a video checkpoint's image model (`tools.family.image_member`)."""
+    def chosen(member: Member) -> Member:
+        try:
+            return image_member(member) if image_only else member
+        except ValueError as error:
+            raise ToolError(f"--image-only: --source {source} is a {member.name} checkpoint, an image model already "
+                            "(--image-only is for SAM 2 video checkpoints)") from error
+
     if source.kind == "random":
-        member, model = random_stock_model(source.name)
-        return Loaded(member, model, [])
+        video_or_image, model = random_stock_model(source.name)
+        member = chosen(video_or_image)
+        model, left_out = member.twin.stock_part(model)
+        return Loaded(member, model, left_out)
     if source.kind == "folder":
         folder = Path(source.name)
         if not folder.is_dir():
@@ -219,6 +239,12 @@ def load_source(source: Source, allow_pickle: bool) -> Loaded:
         kwargs["use_safetensors"] = True
     try:
         member = member_for_model_type(checkpoint_model_type(source.name, source.revision))
+    except Exception as error:  # noqa: BLE001 - as below
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ToolError(f"--source {source}: cannot load it as a stock SAM checkpoint (SAM, SAM-HQ or SAM 2): "
+                        f"{reason}") from error
+    member = chosen(member)
+    try:
         model, left_out = member.twin.load_stock(source.name, **kwargs)
     except Exception as error:  # noqa: BLE001 - whatever the loader raises (truncated file, wrong shape, network), the source is at fault
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -273,6 +299,17 @@ def code_files(twin: type) -> list[str]:
     return sorted({Path(path).name for path in [modeling, configuration, *get_relative_import_files(modeling)]})
 
 
+# The model card's usage code for an image model (a member's `usage` replaces it).
+_IMAGE_USAGE = """\
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("$repo_id", trust_remote_code=True, revision="<commit sha>")
+processor = AutoProcessor.from_pretrained("$repo_id", trust_remote_code=True, revision="<commit sha>")
+inputs = processor(images=image, input_points=[[[450, 600]]], input_labels=[[1]], return_tensors="pt")
+outputs = model(**inputs)
+masks = $post_process"""
+
+
 def model_card(source: Source, repo_name: str, config, files: list[str] | None = None, left_out=()) -> str:
     """The README.md: YAML metadata (`base_model` only for a Hub source: a local path or a random model is no Hub
     model to link to) and the usage text of model_card_template.md, naming the family, the code `files` the
@@ -300,7 +337,8 @@ def model_card(source: Source, repo_name: str, config, files: list[str] | None =
         source=described,
         sizes=member.describe(config),
         code_files=", ".join(f"`{name}`" for name in (files if files is not None else code_files(member.twin))),
-        post_process=member.post_process,
+        usage=Template(member.usage or _IMAGE_USAGE).safe_substitute(repo_id=repo_name,
+                                                                     post_process=member.post_process),
         left_out=f"The source is a video model: {describe_left_out(left_out)} were left out; this is its image "
                  "model.\n" if left_out else "",
         warning="> **Randomly initialised weights**: this repository was built from `random:` for demonstration; "
@@ -355,7 +393,10 @@ def push(args) -> None:
     # The build folder first: an unwritable --output-dir is reported before the long conversion.
     with atomic_output_dir(args.output_dir) as folder:
         step(f"Loading the source checkpoint {args.source}")
-        loaded = load_source(args.source, args.allow_pickle)
+        loaded = load_source(args.source, args.allow_pickle, args.image_only)
+        if args.onnx and loaded.member.image_stock_type:
+            raise ToolError("--onnx exports the image model's two graphs (transformers.js has no memory path); add "
+                            "--image-only to publish the image twin with them")
         if args.onnx:  # a member without an ONNX layout fails now, not after conversion and verification
             onnx_export.export_spec(loaded.model.config)
         step(f"Converting a stock {loaded.member.stock_class.__name__} to {loaded.member.twin.__name__}"

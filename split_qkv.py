@@ -55,12 +55,24 @@ def config_sizes(config) -> dict:
     return {name: value for name, value in config.to_dict().items() if name not in _NOT_SIZES}
 
 
-def build_and_load(model_class, config, state_dict: dict):
-    """Instantiate `model_class(config)` without initialising weights, then load `state_dict` strictly."""
+def build_and_load(model_class, config, state_dict: dict, buffers_from: nn.Module | None = None):
+    """Instantiate `model_class(config)` without initialising weights, then load `state_dict` strictly.
+
+    Buffers that are no part of a state dict (non-persistent: SAM 2 video's rotary frequencies) are computed at
+    construction, so built on the meta device they hold no data: they are copied from `buffers_from`, the model
+    converted from, by name (the conversion changes no buffer's name). One left without data is an error."""
     with torch.device("meta"):
         model = model_class(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.tie_weights()  # re-share weights that `assign=True` gave each of their owners (SAM's positional embedding)
+    sources = dict(buffers_from.named_buffers()) if buffers_from is not None else {}
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            if name not in sources or sources[name].is_meta:
+                raise ValueError(f"{model_class.__name__}: the buffer {name} is not in the state dict and has no "
+                                 "source to copy it from")
+            owner, _, attribute = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attribute] = sources[name].clone()
     return model.eval()
 
 
@@ -104,15 +116,29 @@ def load_stock(twin, name_or_path, **from_pretrained_kwargs):
         expected = " or ".join(map(repr, twin.stock_model_types))
         raise ValueError(f"{name_or_path} is not a stock {stock_name} checkpoint (model_type={model_type!r}, "
                          f"expected {expected}).{hint}")
-    load_class, stock_config = twin.stock_model_types[model_type]
+    load_class, _ = twin.stock_model_types[model_type]
     model, loading_info = load_class.from_pretrained(name_or_path, output_loading_info=True, **from_pretrained_kwargs)
     missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
     mismatched = sorted(str(item) for item in loading_info.get("mismatched_keys", []))
     if missing or unexpected or mismatched:
         raise ValueError(f"{name_or_path} is an incomplete {stock_name} checkpoint: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}, mismatched shapes {mismatched[:8]}.")
-    if stock_config is None:
+    return stock_part(twin, model, name_or_path)
+
+
+def stock_part(twin, model, source=None):
+    """`(stock model, weights left out)`: `model` itself when it is `twin.stock_class`'s, else the stock model it
+    holds (an instance of a larger class in `twin.stock_model_types`: SAM 2 video holds SAM 2's image model), built
+    from its weights, the rest of them returned sorted. `source` names the checkpoint in messages."""
+    stock_class, stock_name = twin.stock_class, twin.stock_name
+    stock_config = next((to_config for load_class, to_config in twin.stock_model_types.values()
+                         if type(model) is load_class), None)
+    if type(model) is stock_class or stock_config is None:
+        if not isinstance(model, stock_class):
+            raise TypeError(f"expected a {' or '.join(cls.__name__ for cls, _ in twin.stock_model_types.values())}, "
+                            f"got {type(model).__name__}")
         return model.eval(), []
+    source = model.name_or_path if source is None else source
     config = stock_config(model.config.to_dict())
     config._attn_implementation = model.config._attn_implementation
     with torch.device("meta"):
@@ -120,8 +146,8 @@ def load_stock(twin, name_or_path, **from_pretrained_kwargs):
     weights = model.state_dict()
     if wanted - set(weights):
         lacking = sorted(wanted - set(weights))
-        raise ValueError(f"{name_or_path} lacks weights of the {stock_name} model: {lacking[:8]}.")
-    stock = build_and_load(stock_class, config, {name: weights[name] for name in wanted})
+        raise ValueError(f"{source} lacks weights of the {stock_name} model: {lacking[:8]}.")
+    stock = build_and_load(stock_class, config, {name: weights[name] for name in wanted}, buffers_from=model)
     stock.name_or_path = model.name_or_path
     return stock, sorted(set(weights) - wanted)
 
@@ -361,6 +387,11 @@ class SplitTwinMixin:
         return load_stock(cls, name_or_path, **from_pretrained_kwargs)
 
     @classmethod
+    def stock_part(cls, model):
+        """`(stock model, weights left out)` of a loaded model of a class in `stock_model_types` (see `stock_part`)."""
+        return stock_part(cls, model)
+
+    @classmethod
     def from_stock(cls, stock, **from_pretrained_kwargs):
         """Convert a stock model: an instance, a local checkpoint folder or a Hub id (then loaded strictly with
         `from_pretrained(stock, **from_pretrained_kwargs)`, e.g. `revision=...`, `dtype=...`).
@@ -384,7 +415,7 @@ class SplitTwinMixin:
                             "loaded model.")
         config = cls.config_class(**config_sizes(stock.config))
         config._attn_implementation = stock.config._attn_implementation
-        model = build_and_load(cls, config, split_qkv_state_dict(stock.state_dict()))
+        model = build_and_load(cls, config, split_qkv_state_dict(stock.state_dict()), buffers_from=stock)
         model.name_or_path = stock.name_or_path
         return model
 
@@ -392,9 +423,9 @@ class SplitTwinMixin:
         """The stock model (fused `qkv`) with exactly these weights, usable without remote code."""
         config = self.stock_config_class(**config_sizes(self.config))
         config._attn_implementation = self.config._attn_implementation
-        return build_and_load(self.stock_class, config, fuse_qkv_state_dict(self.state_dict()))
+        return build_and_load(self.stock_class, config, fuse_qkv_state_dict(self.state_dict()), buffers_from=self)
 
 
 __all__ = ["SplitTwinMixin", "build_and_load", "check_loading_info", "config_sizes", "describe_left_out",
            "fuse_qkv_state_dict",
-           "load_stock", "project_qkv", "split_qkv_state_dict"]
+           "load_stock", "project_qkv", "split_qkv_state_dict", "stock_part"]

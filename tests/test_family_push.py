@@ -1,7 +1,8 @@
 """push.py on the SAM family (issue 19's "done when"): a tiny random stock SamHQModel, Sam2Model and Sam2VideoModel
 folder written by `save_pretrained` (no processor files) each go through `push.py --source DIR --output-dir OUT
---no-push`; a fresh process loads OUT with `AutoModel.from_pretrained(OUT, trust_remote_code=True)` as the twin, equal
-to the stock model at 1e-5, and LoRA `["q", "v"]` lands on exactly the vision encoder's q and v."""
+--no-push` (a Sam2VideoModel also with `--image-only`); a fresh process loads OUT with
+`AutoModel.from_pretrained(OUT, trust_remote_code=True)` as the twin, equal to the stock model at 1e-5 (the video twin:
+tracking a clip), and LoRA `["q", "v"]` lands on exactly the vision encoder's q and v."""
 
 import json
 import subprocess
@@ -27,12 +28,25 @@ def tiny_video_config() -> Sam2VideoConfig:
                            mask_decoder_config=image.mask_decoder_config.to_dict())
 
 
-SOURCES = {  # stock class, its tiny config, the twin push.py must build, the vision q/v name pattern
-    "sam_hq": (SamHQModel, tiny_sam_hq_config, "SamHQSplitModel", r"vision_encoder\.layers\.\d+\.attn\.(q|v)"),
-    "sam2": (Sam2Model, tiny_sam2_config, "Sam2SplitModel", r"vision_encoder\.backbone\.blocks\.\d+\.attn\.(q|v)"),
-    "sam2_video": (Sam2VideoModel, tiny_video_config, "Sam2SplitModel",
-                   r"vision_encoder\.backbone\.blocks\.\d+\.attn\.(q|v)"),
+def tracking_video_config() -> Sam2VideoConfig:
+    """The smallest SAM 2 video model that tracks (`random:sam2.1-video-tiny`'s sizes; `tiny_video_config`'s FPN is
+    narrower than the memory, which tracking needs it not to be)."""
+    from sam_split.configuration_sam2_video_split import SAM2_VIDEO_TINY
+
+    return Sam2VideoConfig(**SAM2_VIDEO_TINY)
+
+
+HIERA_QV = r"vision_encoder\.backbone\.blocks\.\d+\.attn\.(q|v)"
+SOURCES = {  # stock class, its tiny config, push.py's extra flags, the twin it must build, the vision q/v name pattern
+    "sam_hq": (SamHQModel, tiny_sam_hq_config, [], "SamHQSplitModel", r"vision_encoder\.layers\.\d+\.attn\.(q|v)"),
+    "sam2": (Sam2Model, tiny_sam2_config, [], "Sam2SplitModel", HIERA_QV),
+    # SAM 2.1 as the Hub has it: the video twin by default; the image twin, with transformers.js' graphs, on request
+    "sam2_video": (Sam2VideoModel, tracking_video_config, [], "Sam2VideoSplitModel", HIERA_QV),
+    "sam2_video_image_only": (Sam2VideoModel, tiny_video_config, ["--image-only", "--onnx"], "Sam2SplitModel",
+                              HIERA_QV),
 }
+# q and v of each vision attention block: 3 ViT layers (SAM-HQ), 6 Hiera blocks (tiny SAM 2), 8 (the tracking one)
+ADAPTED = {"sam_hq": 6, "sam2": 12, "sam2_video": 16, "sam2_video_image_only": 12}
 
 # The child: no import of this package (the repository's own code must load), outputs computed by tools/verify.py
 # loaded by path (it imports only the standard library and torch), then LoRA on q and v.
@@ -59,29 +73,30 @@ CHILD = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(SOURCES))
 def test_push_converts_each_family_checkpoint_and_the_build_loads_as_the_twin(kind, tmp_path):
-    stock_class, config, twin_name, pattern = SOURCES[kind]
+    stock_class, config, flags, twin_name, pattern = SOURCES[kind]
     stock = random_stock(stock_class, config())
     stock.save_pretrained(tmp_path / "stock")
     out = tmp_path / "out"
-    onnx = ["--onnx"] if kind == "sam2_video" else []  # SAM 2.1 as the Hub has it, with transformers.js' graphs
+    image_only = "--image-only" in flags
     result = subprocess.run([sys.executable, str(ROOT / "push.py"), "--source", str(tmp_path / "stock"),
-                             "--output-dir", str(out), "--no-push", "--atol", str(ATOL), *onnx],
+                             "--output-dir", str(out), "--no-push", "--atol", str(ATOL), *flags],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"to {twin_name}" in result.stdout and "Verified against the source" in result.stdout
-    if onnx:  # verified in onnxruntime against the stock source (tests/test_onnx.py checks the graphs themselves)
+    if "--onnx" in flags:  # verified in onnxruntime against the stock source (tests/test_onnx.py checks the graphs)
         assert sorted(path.name for path in (out / "onnx").iterdir()) == [
             "prompt_encoder_mask_decoder.onnx", "vision_encoder.onnx"]
         assert "Verifying the fp32 graphs in onnxruntime" in result.stdout
-    assert ("video memory" in result.stdout) == (kind == "sam2_video")
+    assert ("video memory" in result.stdout) == image_only
     card = (out / "README.md").read_text()
     code = sorted(path.name for path in out.glob("*.py"))
     assert f"The model code lives in this repository ({', '.join(f'`{name}`' for name in code)}," in card
-    assert ("left out" in card) == (kind == "sam2_video") and twin_name in card
+    assert ("left out" in card) == image_only and twin_name in card
+    assert ("propagate_in_video_iterator" in card) == (twin_name == "Sam2VideoSplitModel")
     processor = json.loads((out / "preprocessor_config.json").read_text())
     assert processor["processor_class"] == {"sam_hq": "SamHQProcessor"}.get(kind, "Sam2Processor")
 
-    reference = stock if kind != "sam2_video" else Sam2Model.from_pretrained(tmp_path / "stock")
+    reference = Sam2Model.from_pretrained(tmp_path / "stock") if image_only else stock
     inputs = verification_inputs(reference.config)
     torch.save(inputs, tmp_path / "inputs.pt")
     child = run_python(CHILD.replace("sys.argv[1:]", repr([str(out), str(VERIFY), str(tmp_path / "inputs.pt"),
@@ -89,8 +104,7 @@ def test_push_converts_each_family_checkpoint_and_the_build_loads_as_the_twin(ki
                        env={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"})
     report = json.loads(child.strip().splitlines()[-1])
     assert report["class"] == twin_name and report["module"].startswith("transformers_modules.")
-    # q and v of each vision attention block: 3 ViT layers (SAM-HQ), 6 Hiera blocks (SAM 2)
-    assert report["adapted"] == report["vision_qv"] and len(report["vision_qv"]) == (6 if kind == "sam_hq" else 12)
+    assert report["adapted"] == report["vision_qv"] and len(report["vision_qv"]) == ADAPTED[kind]
     expected = sam_outputs(reference, inputs)
     differences = max_differences(torch.load(tmp_path / "results.pt"), expected)
     assert sorted(differences) == sorted(expected) and max(differences.values()) <= ATOL, differences
@@ -104,8 +118,9 @@ def test_random_names_cover_every_member_and_keep_the_old_ones():
     assert {"random:vit-base", "random:vit-large", "random:vit-huge", "random:sam-vit-base", "random:sam-tiny",
             "random:sam-hq-vit-base", "random:sam-hq-vit-huge", "random:sam2.1-hiera-tiny",
             "random:sam2.1-hiera-base-plus", "random:sam2.1-hiera-large", "random:sam-hq-tiny",
-            "random:sam2.1-tiny"} <= set(names)
+            "random:sam2.1-tiny", "random:sam2.1-video-tiny", "random:sam2.1-video-hiera-large"} <= set(names)
     assert member_for_random("vit-base").name == "SAM" and member_for_random("sam2.1-hiera-small").name == "SAM 2.1"
+    assert member_for_random("sam2.1-video-tiny").twin.__name__ == "Sam2VideoSplitModel"
     assert parse_source("random:sam-hq-vit-large", None).name == "sam-hq-vit-large"
     with pytest.raises(ValueError, match="expected one of random:vit-base.*random:sam2.1-hiera-large"):
         parse_source("random:sam2-hiera-tiny", None)

@@ -78,6 +78,8 @@ HUB_BLOCKS = {
 }
 ELSEWHERE = {
     "get_peft_model(model, lora)": "test_lora_example_runs_as_written",
+    'tracker = PeftModel.from_pretrained(model, "sam2-lora")':
+        "test_video.py::test_the_docs_tracking_example_runs_as_written",
     'ort.InferenceSession("sam-onnx/onnx/vision_encoder.onnx")': "not run: needs a 1024x1024 export "
                                                                   "(tests/test_onnx.py runs these graphs)",
 }

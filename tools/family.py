@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from .. import Sam2SplitModel, SamHQSplitModel, SamSplitModel
+from .. import Sam2SplitModel, Sam2VideoSplitModel, SamHQSplitModel, SamSplitModel
 from ..configuration_sam2_split import SAM2_SIZES, SAM2_TINY
+from ..configuration_sam2_video_split import SAM2_VIDEO_TINY
 from ..configuration_sam_hq_split import SAM_HQ_SIZES, SAM_HQ_TINY
 from ..configuration_sam_split import SAM_SIZES, SAM_TINY
-from ..processing_sam2_split import Sam2SplitImageProcessor, Sam2SplitProcessor
+from ..processing_sam2_split import Sam2SplitImageProcessor, Sam2SplitProcessor, Sam2SplitVideoProcessor
 from .compat import sam2_preprocessor_config, sam_hq_preprocessor_config, sam_preprocessor_config
 
 RANDOM_PREFIX = "random:"
@@ -28,7 +29,9 @@ class Member:
     `card_tags`, `doc_url`, `post_process`: the model card's tags, link and mask post-processing call;
     `processors`: the processor classes the repository ships (a root `processing_*.py`) for `AutoProcessor` and
     `AutoImageProcessor` where transformers' own need torchvision (SAM 2), named in its processor configs'
-    `auto_map`."""
+    `auto_map`; `usage`: the model card's usage code where it is not an image model's (`$repo_id` in it is the
+    repository); `image_stock_type`: for a video member, the stock `model_type` of the image model it holds, whose
+    member `push.py --image-only` builds instead."""
 
     name: str
     stock_types: tuple[str, ...]
@@ -40,6 +43,8 @@ class Member:
     doc_url: str
     post_process: str
     processors: dict[str, type] | None = None
+    usage: str | None = None
+    image_stock_type: str | None = None
 
     @property
     def processor_auto_map(self) -> dict[str, str] | None:
@@ -75,6 +80,23 @@ def _describe_hiera(config) -> str:
 _SAM_POST_PROCESS = ('processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"], '
                      'inputs["reshaped_input_sizes"])')
 _DOCS = "https://huggingface.co/docs/transformers/model_doc/"
+# The tracker's model card usage: transformers' own (model_doc/sam2_video), with the repository's processor, which needs
+# no torchvision (`processing_sam2_split.Sam2SplitVideoProcessor`).
+_TRACKING_USAGE = """\
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("$repo_id", trust_remote_code=True, revision="<commit sha>")
+processor = AutoProcessor.from_pretrained("$repo_id", trust_remote_code=True, revision="<commit sha>")
+session = processor.init_video_session(video=frames)  # a list of PIL images or HxWx3 arrays
+processor.add_inputs_to_inference_session(session, frame_idx=0, obj_ids=1, input_points=[[[[210, 350]]]],
+                                          input_labels=[[[1]]])
+model(inference_session=session, frame_idx=0)  # the prompted frame, then the others
+for output in model.propagate_in_video_iterator(session):
+    masks = $post_process[0]
+
+# An adapter trained on images with the image twin (LoRA on q and v) tracks too: same module names.
+from peft import PeftModel
+tracker = PeftModel.from_pretrained(model, "<adapter folder or Hub id>").merge_and_unload()"""
 
 
 MEMBERS = (
@@ -93,11 +115,21 @@ MEMBERS = (
         _DOCS + "sam_hq", _SAM_POST_PROCESS,
     ),
     Member(
-        "SAM 2.1", ("sam2", "sam2_video"), Sam2SplitModel,
+        "SAM 2.1", ("sam2",), Sam2SplitModel,
         {**{f"sam2.1-{size}": sizes for size, sizes in SAM2_SIZES.items()}, "sam2.1-tiny": SAM2_TINY},
         lambda config: sam2_preprocessor_config(_image_size(config)), _describe_hiera, ("sam2", "segment-anything"),
         _DOCS + "sam2", 'processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"])',
         {"AutoProcessor": Sam2SplitProcessor, "AutoImageProcessor": Sam2SplitImageProcessor},
+    ),
+    # facebook/sam2.1-hiera-* are video checkpoints: push.py builds this twin from them, the image twin on request.
+    Member(
+        "SAM 2.1 video", ("sam2_video",), Sam2VideoSplitModel,
+        {**{f"sam2.1-video-{size}": sizes for size, sizes in SAM2_SIZES.items()}, "sam2.1-video-tiny": SAM2_VIDEO_TINY},
+        lambda config: sam2_preprocessor_config(_image_size(config)), _describe_hiera,
+        ("sam2", "sam2-video", "segment-anything", "video"), _DOCS + "sam2_video",
+        "processor.post_process_masks([output.pred_masks], [[session.video_height, session.video_width]])",
+        {"AutoProcessor": Sam2SplitVideoProcessor, "AutoImageProcessor": Sam2SplitImageProcessor},
+        usage=_TRACKING_USAGE, image_stock_type="sam2",
     ),
 )
 
@@ -127,6 +159,14 @@ def member_for_model_type(model_type: str | None) -> Member:
                      f"{accepted}){hint}")
 
 
+def image_member(member: Member) -> Member:
+    """The member whose twin is the image model a video `member` holds (`push.py --image-only`); a `ValueError` for
+    a member that is an image model already."""
+    if member.image_stock_type is None:
+        raise ValueError(f"{member.name} is an image model already (--image-only is for SAM 2 video checkpoints)")
+    return member_for_model_type(member.image_stock_type)
+
+
 def member_for_config(config) -> Member:
     """The member of a config, stock or split (e.g. `SamConfig` or `Sam2SplitConfig`)."""
     for member in MEMBERS:
@@ -138,10 +178,15 @@ def member_for_config(config) -> Member:
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Overwrite every floating-point weight and buffer of `model` with N(0, std), in place: transformers 5 initialises
     some weights (rel-pos tables, positional embeddings) to zero, and a comparison on near-zero weights proves nothing.
-    The one re-randomiser: `random:` sources, the tests and the benchmarks use it."""
+    Buffers that are no part of the state dict (SAM 2 video's rotary frequencies) are left as they are: they are
+    computed from the config, so a saved and reloaded model recomputes them. The one re-randomiser: `random:` sources,
+    the tests and the benchmarks use it."""
     generator = torch.Generator().manual_seed(seed)
+    computed = {id(buffer) for module in model.modules() for name, buffer in module.named_buffers(recurse=False)
+                if name in module._non_persistent_buffers_set}
     with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):  # a tied weight once
+        for tensor in list(model.parameters()) + [buffer for buffer in model.buffers() if id(buffer) not in computed]:
+            # (a tied weight once)
             if tensor.is_floating_point():
                 tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * std)
     return model
@@ -182,9 +227,10 @@ def checkpoint_model_type(name_or_path, revision: str | None = None) -> str | No
     return config_dict.get("model_type")
 
 
-# A field that only one member's config has, and the member's stock model_type.
-_OWN_FIELDS = (("vision_config", "backbone_config", "sam2"), ("mask_decoder_config", "vit_dim", "sam_hq"),
-               ("vision_config", "global_attn_indexes", "sam"))
+# A field that only one member's config has (SAM 2's Hiera: its image and its video model alike), and the stock
+# model_types that have it.
+_OWN_FIELDS = (("vision_config", "backbone_config", ("sam2", "sam2_video")),
+               ("mask_decoder_config", "vit_dim", ("sam_hq",)), ("vision_config", "global_attn_indexes", ("sam",)))
 
 
 def check_config_body(config_dict: dict) -> None:
@@ -193,14 +239,15 @@ def check_config_body(config_dict: dict) -> None:
     model_type = str(config_dict.get("model_type"))
     said = next((member for member in MEMBERS if model_type in member.stock_types
                  or model_type == member.twin.config_class.model_type), None)
-    held = next((stock for part, field, stock in _OWN_FIELDS if field in (config_dict.get(part) or {})), None)
-    if said is None or held is None or held in said.stock_types:
+    held = next((stocks for part, field, stocks in _OWN_FIELDS if field in (config_dict.get(part) or {})), None)
+    if said is None or held is None or set(held) & set(said.stock_types):
         return
-    holder = member_for_model_type(held)
+    holder = member_for_model_type(held[0])
     raise ValueError(f"this is a {holder.name} checkpoint: its config.json holds {holder.name}'s sizes but says "
                      f"model_type {model_type!r} ({said.name}); correct its model_type")
 
 
-__all__ = ["MEMBERS", "Member", "RANDOM_PREFIX", "check_config_body", "checkpoint_model_type", "member_for_config",
+__all__ = ["MEMBERS", "Member", "RANDOM_PREFIX", "check_config_body", "checkpoint_model_type", "image_member",
+           "member_for_config",
            "member_for_model_type", "member_for_random", "random_names", "random_stock_model", "randomize_",
            "trainable_"]

@@ -106,8 +106,13 @@ def resolve_model(text: str, revision: str | None, *, flag: str = "--model",
         raise ToolError(f"{flag} {text}: its config.json has no model_type, so it is no transformers model; expected "
                         "a SamSplitModel folder or Hub id (made by push.py or SamSplitModel.save_pretrained)")
     if model_type in STOCK_MODEL_TYPES:
+        image_only = " --image-only" if model_type == "sam2_video" else ""  # the tools take the image twin
         raise ToolError(f"{flag} {text} is a stock {STOCK_NAMES[model_type]} checkpoint (fused qkv): convert it first "
-                        f"with `python push.py --source {text} --output-dir DIR --no-push` and pass DIR")
+                        f"with `python push.py --source {text}{image_only} --output-dir DIR --no-push` and pass DIR")
+    if model_type == "sam2_video_split":
+        raise ToolError(f"{flag} {text} is the SAM 2 video twin (the tracker): the tools train and score the image "
+                        "model; build it from the stock checkpoint with `python push.py --source ... --image-only` (an "
+                        "adapter trained on it runs in the tracker: docs/family.md)")
     if model_type not in MODEL_TYPES:
         raise ToolError(f"{flag} {text} is a {model_type!r} model; expected a split-q/k/v twin (model_type "
                         f"{', '.join(map(repr, MODEL_TYPES))}, made by push.py)")

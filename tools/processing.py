@@ -33,7 +33,10 @@ def model_family(model_or_config) -> str:
     model_type = str(getattr(config, "model_type", ""))
     if model_type == "sam2_video":
         raise ToolError("a SAM 2 video model: the tools train the image model; convert the checkpoint with push.py "
-                        "(it builds the SAM 2 image twin)")
+                        "--image-only (it builds the SAM 2 image twin)")
+    if model_type == "sam2_video_split":
+        raise ToolError("a SAM 2 video twin (the tracker): the tools train and score the image model; build it with "
+                        "push.py --image-only from the stock checkpoint (an adapter trained on it runs in the tracker)")
     try:
         return member_for_config(config).stock_types[0]
     except ValueError:

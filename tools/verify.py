@@ -43,7 +43,9 @@ def sam_outputs(model, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     The family is told by the model's structure (this file must not import the package): SAM 2's vision encoder has a
     Hiera `backbone`, SAM-HQ's returns `intermediate_embeddings`. SAM and SAM-HQ call the vision encoder directly
     (`get_image_embeddings` would not do for a model under training) and the masks come from those very embeddings;
-    SAM 2 runs its whole forward, which returns its embeddings."""
+    SAM 2 runs its whole forward, which returns its embeddings. SAM 2 video (the tracker) is `tracking_outputs`'."""
+    if hasattr(model, "memory_attention"):  # SAM 2 video
+        return tracking_outputs(model, inputs)
     pixel_values = inputs["pixel_values"].to(model.dtype)
     prompts = {name: value for name, value in inputs.items() if name != "pixel_values"}
     with torch.no_grad():
@@ -61,6 +63,41 @@ def sam_outputs(model, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             extra = {f"intermediate embeddings {n}": tensor for n, tensor in enumerate(intermediate or ())}
     result = dict(zip(OUTPUT_NAMES, (embeddings, outputs.pred_masks, outputs.iou_scores)))
     return {name: tensor.float() for name, tensor in {**result, **extra}.items()}
+
+
+VIDEO_FRAMES = 3
+
+
+def tracking_outputs(model, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The outputs of a SAM 2 video model (stock `Sam2VideoModel` or the split twin) on `inputs`, in fp32: the vision
+    encoder's feature levels of the image ("image embeddings", the mask decoder's, and "image embeddings N", N = 0,
+    1), and a propagation through a clip of `VIDEO_FRAMES` frames (the image shifted right a little more each frame)
+    of two objects, one prompted by `inputs`' point and one by its box on the first frame: "masks" and (transformers
+    5) "object scores" of every frame, stacked. The inference session is built directly (transformers' video
+    processor needs torchvision); the prompts are in the model's input pixels already."""
+    from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
+
+    pixel_values = inputs["pixel_values"].to(model.dtype)
+    size = pixel_values.shape[-1]
+    video = torch.cat([pixel_values.roll(frame * max(size // 32, 1), dims=-1) for frame in range(VIDEO_FRAMES)])
+    session = Sam2VideoInferenceSession(video=video, video_height=size, video_width=size, dtype=model.dtype,
+                                        inference_device=model.device, inference_state_device=model.device,
+                                        video_storage_device=model.device)
+    box = inputs["input_boxes"].reshape(1, 1, 2, 2)
+    for obj_id, points, labels in ((1, inputs["input_points"], inputs["input_labels"].int()),
+                                   (2, box, torch.tensor([[[2, 3]]], dtype=torch.int32))):  # 2, 3: a box's corners
+        session.add_point_inputs(session.obj_id_to_idx(obj_id), 0, {"point_coords": points.float().to(model.device),
+                                                                     "point_labels": labels.to(model.device)})
+    session.obj_with_new_inputs = [1, 2]
+    with torch.no_grad():
+        levels = model.vision_encoder(pixel_values).fpn_hidden_states
+        frames = list(model.propagate_in_video_iterator(session, start_frame_idx=0))
+    *higher, embeddings = levels
+    result = {"image embeddings": embeddings, **{f"image embeddings {n}": level for n, level in enumerate(higher)},
+              "masks": torch.stack([frame.pred_masks for frame in frames])}
+    if getattr(frames[0], "object_score_logits", None) is not None:  # transformers 5 outputs them, 4.57 does not
+        result["object scores"] = torch.stack([frame.object_score_logits for frame in frames])
+    return {name: tensor.float() for name, tensor in result.items()}
 
 
 def max_differences(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, float]:
