@@ -45,7 +45,9 @@ VALIDATION_SCORES = (*BEST_METRICS, "classes")
 def build_model(base, lora_r, lora_alpha, lora_dropout, target_modules, train_decoder, gradient_checkpointing,
                 base_location: Location) -> PeftModel:
     """LoRA on `target_modules` of the loaded `base` (and the whole mask decoder with `train_decoder`); the adapter
-    records `base_location` (a Hub id at its sha, or the local folder) as its base."""
+    records `base_location` (a Hub id at its sha, or the local folder) as its base. `target_modules`: module names
+    (PEFT matches each as the name or its last parts), or one regular expression (a `str`, matched against whole
+    module names)."""
     if gradient_checkpointing:
         # Non-reentrant: the frozen inputs of the checkpointed layers need no `requires_grad` for LoRA to get grads.
         base.activation_checkpointing_enable({"use_reentrant": False})
@@ -56,9 +58,13 @@ def build_model(base, lora_r, lora_alpha, lora_dropout, target_modules, train_de
     )
     model = get_peft_model(base, config, revision=base_location.revision)
     model.peft_config["default"].base_model_name_or_path = base_location.name
-    for target in target_modules:
-        if not any(name.endswith(f".{target}") and hasattr(module, "lora_A") for name, module in model.named_modules()):
-            raise ToolError(f"--target-modules entry {target!r} matches no Linear layer of the model")
+    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    if isinstance(target_modules, str):
+        unmatched = [] if adapted else [target_modules]
+    else:
+        unmatched = [target for target in target_modules if not any(name.endswith(f".{target}") for name in adapted)]
+    if unmatched:
+        raise ToolError(f"--target-modules entry {unmatched[0]!r} matches no Linear layer of the model")
     return model
 
 
