@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Fine-tune a split-q/k/v twin of SAM, SAM-HQ or SAM 2 with LoRA on the vision encoder's `q`/`v` (optionally the
-whole mask decoder too).
+"""Fine-tune a split-q/k/v twin of SAM, SAM-HQ or SAM 2, or a stock SAM 3 tracker (transformers 5), with LoRA on the
+vision encoder's q and v (optionally the whole mask decoder too).
 
 Each step encodes every image once and decodes up to `--objects-per-image` of its objects against that one image
 embedding, each prompted by a box (and/or positive and negative points) drawn from its mask, as SAM's own training
@@ -143,8 +143,9 @@ def parse_args(argv=None) -> "Settings":
     """The settings, every flag checked (`Settings.from_args`) before anything slow starts; a problem is a usage
     error (exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser, model_help="split-q/k/v twin of SAM, SAM-HQ or SAM 2 (made by push.py): Hub id or "
-                                           "local folder (required unless --publish-only)")
+    add_model_arguments(parser, model_help="split-q/k/v twin of SAM, SAM-HQ or SAM 2 (made by push.py), or a stock "
+                                           "SAM 3 tracker: Hub id, local folder or random:<size> (required unless "
+                                           "--publish-only)")
     data = parser.add_argument_group("data and outputs")
     data.add_argument("--train-data", help="training data (see tools/data.py; required unless --publish-only)")
     data.add_argument("--val-data", help="same formats; enables validation (Dice and IoU)")

@@ -322,3 +322,97 @@ def test_default_targets_and_gradient_checkpointing_on_the_command_line(coco, tm
                    "--max-steps", "1", "--target-modules", "q_proj,v_proj", *FAST])
     reached = {name.split(".")[0] for name in lora_modules(load_file(tmp_path / "names" / "adapter_model.safetensors"))}
     assert reached == {"vision_encoder", "mask_decoder"}
+
+
+@pytest.mark.slow
+def test_a_tracker_on_the_hub_pinned_to_a_revision(coco, tracker_folder, tmp_path):
+    """`--model ORG/NAME --base-revision SHA` (the local test Hub): the adapter records the base at that sha, and
+    evaluate.py finds the base in the adapter's config and scores it per class."""
+    from hub_server import HubServer
+    from sam_testing import hub_env, run_python
+
+    code = f"""
+import json
+from huggingface_hub import HfApi
+from sam_split import evaluate, finetune
+from accelerate.state import AcceleratorState
+api = HfApi()
+api.create_repo("tester/sam3-tracker-tiny")
+sha = api.upload_folder(repo_id="tester/sam3-tracker-tiny", folder_path={str(tracker_folder)!r}).oid
+finetune.main(["--model", "tester/sam3-tracker-tiny", "--base-revision", sha, "--train-data", {coco["train"]!r},
+               "--output-dir", {str(tmp_path / "run")!r}, "--max-steps", "1", *{FAST!r}])
+AcceleratorState._reset_state(reset_partial_state=True)
+summary = evaluate.main(["--adapter", {str(tmp_path / "run")!r}, "--data", {coco["val"]!r}, "--output-dir",
+                         {str(tmp_path / "ev")!r}, *{FAST!r}])
+config = json.load(open({str(tmp_path / "run" / "adapter_config.json")!r}))
+print("RESULT", config["base_model_name_or_path"], config["revision"] == sha, sorted(summary["classes"]))
+"""
+    with HubServer(tmp_path / "hub", token="tracker-token") as hub:
+        printed = run_python(code, hub_env(hub.url, tmp_path / "hf", token="tracker-token"), replace_env=True)
+    assert "RESULT tester/sam3-tracker-tiny True ['disc', 'rect']" in printed, printed
+
+
+# ---------------------------------------------------------------------------------------------------------- ONNX
+
+
+@pytest.fixture(scope="module")
+def exported(tuned, tracker_folder, coco):
+    """(output folder, merged model): export_onnx.py on the tracker folder with the trained adapter (LoRA on the ViT
+    q/v and the whole mask decoder) merged in."""
+    from sam_split import export_onnx
+    from sam_split.tools.cli import Location
+    from sam_split.tools.models import load_adapter, load_model
+
+    _, out = tuned
+    folder = coco["root"] / "onnx"
+    assert export_onnx.main(["--model", str(tracker_folder), "--adapter", str(out), "--output-dir", str(folder)]) == 0
+    merged = load_adapter(load_model(Location("local", str(tracker_folder))), Location("local", str(out)))
+    return folder, merged.merge_and_unload().eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, batch_size", [("points", 1), ("box", 1), ("points+box", 2), ("box", 2)])
+def test_onnx_graphs_in_transformers_js_sam3_tracker_layout_match_the_merged_model(exported, kind, batch_size):
+    """transformers.js' `sam3_tracker` layout (SAM 2's two graphs, config.json's model_type `sam3_tracker`), run in
+    onnxruntime as transformers.js feeds it: every output within 1e-4 of the merged PyTorch model."""
+    from sam_split.tools import onnx_export
+
+    folder, merged = exported
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "sam3_tracker" and config["architectures"] == ["Sam3TrackerModel"]
+    assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == "Sam3ImageProcessor"
+    assert sorted(path.name for path in (folder / "onnx").iterdir()) == ["prompt_encoder_mask_decoder.onnx",
+                                                                         "vision_encoder.onnx"]
+    pixel_values = torch.randn(batch_size, 3, 112, 112, generator=torch.Generator().manual_seed(7))
+    prompts = onnx_export.sam_prompts(merged.config, batch_size, kind)
+    feeds = {"vision_encoder": {"pixel_values": pixel_values},
+             "prompt_encoder_mask_decoder": onnx_export.sam2_graph_prompts(prompts, batch_size)}
+    actual = onnx_export.run_graphs(folder / "onnx", onnx_export.SAM3_TRACKER_SPEC, feeds)
+    expected = onnx_export.sam2_reference(merged, pixel_values, prompts)
+    for name in expected:
+        assert actual[name].shape == expected[name].shape, name
+        assert (actual[name] - expected[name]).abs().max() <= 1e-4, name
+
+
+@pytest.mark.slow
+def test_transformers_js_loads_the_tracker_folder_and_segments(exported, tmp_path):
+    """transformers.js' `Sam3TrackerModel` (Node) loads the folder and segments from a point and from a box, matching
+    the merged PyTorch model at 1e-4 and 10x closer than the two prompts' masks are to each other."""
+    from test_onnx import run_transformers_js
+
+    from sam_split.tools import onnx_export
+
+    folder, merged = exported
+    pixel_values = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(9))
+    prompts = {"point": onnx_export.sam_prompts(merged.config, 1, "points"),
+               "box": onnx_export.sam_prompts(merged.config, 1, "box")}
+    outputs = run_transformers_js(folder, pixel_values, prompts, tmp_path)
+    point_box_difference = (outputs["point"]["pred_masks"] - outputs["box"]["pred_masks"]).abs().max()
+    for name, prompt in prompts.items():
+        expected = onnx_export.sam2_reference(merged, pixel_values, prompt)
+        for level in onnx_export.SAM2_LEVELS:
+            assert (outputs["embeddings"][level] - expected[level]).abs().max() <= 1e-4, level
+        for output in ("iou_scores", "pred_masks", "object_score_logits"):
+            assert list(outputs[name][output].shape) == list(expected[output].shape), (name, output)
+            assert (outputs[name][output] - expected[output]).abs().max() <= 1e-4, (name, output)
+        assert (outputs[name]["pred_masks"] - expected["pred_masks"]).abs().max() * 10 < point_box_difference
