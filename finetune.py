@@ -51,7 +51,6 @@ from sam_split.tools.arguments import add_loader_arguments, add_model_arguments,
 from sam_split.tools.cli import Location, ToolError, locate, run_tool
 from sam_split.tools.compat import set_hub_timeout
 from sam_split.tools.data import add_data_arguments, data_options, open_source, scan
-from sam_split.tools.family import member_for_config
 from sam_split.tools.files import check_new_folder
 from sam_split.tools.models import load_model, model_config, resolve_model
 from sam_split.tools.processing import model_processor
@@ -67,8 +66,10 @@ from sam_split.tools.training import (
     check_output_dir,
     finish,
     keep_trainable_weights,
+    lora_targets,
     make_accelerator,
     make_optimizer,
+    parse_target_modules,
     start,
     trackers,
     train,
@@ -166,29 +167,11 @@ def parse_args(argv=None) -> "Settings":
 # -------------------------------------------------------------------------------------------------------- settings
 
 
-def parse_target_modules(text: str | None) -> tuple[str, ...] | str | None:
-    """`--target-modules`: None (the member's default), one regular expression as a `str` (where the text holds a
-    character no module name has), or a tuple of names."""
-    if text is None:
-        return None
-    if any(character in text for character in "\\()[]*+?|^$"):
-        return text.strip()
-    return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-def lora_targets(settings: "Settings", config) -> list[str] | str:
-    """The LoRA targets of the run: `--target-modules`, else the member's default (`family.Member.lora_targets`)."""
-    targets = settings.target_modules or member_for_config(config).lora_targets
-    return targets if isinstance(targets, str) else list(targets)
-
-
-
 @dataclass(frozen=True)
 class Settings:
     """Every flag of the command line, checked as a whole once (`from_args`) and never changed after. Beyond the flags
     as given: `target_modules` as a tuple of names, one regular expression (`str`) or None (the member's default,
-    `lora_targets`), `eval_every` with its default, and `trackers` (accelerate's
-    `log_with` for `--report-to`)."""
+    `lora_targets`), `eval_every` with its default, and `trackers` (accelerate's `log_with` for `--report-to`)."""
 
     # model
     model: str | None
@@ -389,7 +372,7 @@ def main(argv=None) -> PeftModel:
     train_set, validation = load_data(accelerator, settings, processor)
 
     torch.manual_seed(settings.seed)  # LoRA A init: identical on every process
-    targets = lora_targets(settings, config)
+    targets = lora_targets(settings.target_modules, config)
     model = build_model(load_model(base), settings.lora_r, settings.lora_alpha, settings.lora_dropout, targets,
                         settings.train_decoder, settings.gradient_checkpointing, base)
     log(f"base {base}; trainable parameters {sum(p.numel() for p in trainable_state(model).values()):,} of "

@@ -94,6 +94,18 @@ def test_the_tracker_is_a_family_row_without_a_twin():
     assert "ViT hidden size 32, 2 layers" in member.describe(config)
 
 
+def test_the_small_size_for_a_cpu_try_runs():
+    """`random:sam3-tracker-small`: 224x224 images, 2.4 M parameters, 64x64 masks, every layer kind."""
+    from sam_split.tools.family import random_stock_model
+
+    _, model = random_stock_model("sam3-tracker-small")
+    assert 2_000_000 < sum(param.numel() for param in model.parameters()) < 3_000_000
+    with torch.no_grad():
+        outputs = model(pixel_values=torch.randn(1, 3, 224, 224), input_boxes=torch.tensor([[[20.0, 30, 150, 200]]]),
+                        multimask_output=False)
+    assert outputs.pred_masks.shape == (1, 1, 1, 64, 64) and outputs.object_score_logits.shape == (1, 1, 1)
+
+
 def test_default_lora_targets_are_the_vit_q_and_v_at_the_released_size():
     """2,097,152 LoRA parameters at r=16 on the released tracker (32 layers, 1024 wide): the ViT backbone's q and v,
     nothing else; plain `["q_proj", "v_proj"]` also reaches the mask decoder."""

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .adapter import RUN_RECORD, all_finite, save_adapter, trainable_state, write_card
 from .cli import Location, ToolError, check_name_lengths
+from .family import member_for_config
 from .files import atomic_output_dir, check_new_folder
 from .segmentation import PromptedImages, collate, evaluate, object_losses, summarize
 from .visualize import overlay, plot_curves
@@ -40,6 +41,23 @@ VALIDATION_SCORES = (*BEST_METRICS, "classes")
 
 
 # ---------------------------------------------------------------------------------------------------------- model
+
+
+def parse_target_modules(text: str | None) -> tuple[str, ...] | str | None:
+    """`--target-modules`: None (the member's default), one regular expression as a `str` (where the text holds a
+    character no module name has), or a tuple of names."""
+    if text is None:
+        return None
+    if any(character in text for character in "\\()[]*+?|^$"):
+        return text.strip()
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def lora_targets(target_modules: tuple[str, ...] | str | None, config) -> list[str] | str:
+    """The LoRA targets of a run: `target_modules` (`--target-modules`), else the member's default
+    (`family.Member.lora_targets`), as `build_model` and the run record take them."""
+    targets = target_modules or member_for_config(config).lora_targets
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def build_model(base, lora_r, lora_alpha, lora_dropout, target_modules, train_decoder, gradient_checkpointing,
