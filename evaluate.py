@@ -49,8 +49,8 @@ HUB_TIMEOUT_S = 60  # an unanswered Hub request fails after this long instead of
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser, model_help="split-q/k/v twin of SAM, SAM-HQ or SAM 2: Hub id or local folder "
-                                           "(default: the adapter's base)")
+    add_model_arguments(parser, model_help="split-q/k/v twin of SAM, SAM-HQ or SAM 2, or a stock SAM 3 tracker: Hub "
+                                           "id, local folder or random:<size> (default: the adapter's base)")
     parser.add_argument("--adapter", help="PEFT adapter (Hub id or folder) made by finetune.py; omit to score the base")
     parser.add_argument("--adapter-revision", help="revision of --adapter on the Hub")
     parser.add_argument("--allow-other-base", action="store_true",

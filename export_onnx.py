@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Export a SamSplitModel or Sam2SplitModel (a LoRA adapter merged in) to ONNX for onnxruntime and transformers.js.
+"""Export a SamSplitModel, Sam2SplitModel or Sam3TrackerModel (a LoRA adapter merged in) to ONNX for onnxruntime
+and transformers.js.
 
     python export_onnx.py --model ORG/sam-vit-base-split --revision BASE_SHA \\
         --adapter ORG/my-adapter --adapter-revision ADAPTER_SHA --output-dir sam-onnx [--dtype fp16] [--quantize]
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="SamSplitModel or Sam2SplitModel: a local folder or a Hub id")
+    parser.add_argument("--model", required=True, help="SamSplitModel, Sam2SplitModel or a stock Sam3TrackerModel: a "
+                                                       "local folder, a Hub id or random:<size>")
     parser.add_argument("--revision", help="branch, tag or commit of a Hub --model")
     parser.add_argument("--adapter", help="PEFT LoRA adapter (folder or Hub id), merged into the model before export")
     parser.add_argument("--adapter-revision", help="branch, tag or commit of a Hub --adapter")
@@ -89,6 +91,8 @@ def preprocessor_config(model, config) -> dict:
     from sam_split.tools.family import member_for_config
 
     default = member_for_config(config).processor_config(config)
+    if model.kind == "random":
+        return default
     if model.kind == "local":
         path = Path(model.name) / "preprocessor_config.json"
         return json.loads(path.read_text()) if path.is_file() else default
@@ -104,6 +108,8 @@ def preprocessor_config(model, config) -> dict:
 
 def model_card(model, adapter, differences: dict, files: list[str], prompts_note: str) -> str:
     def described(location):
+        if location.kind == "random":
+            return f"`{location.name}` (random weights)"
         return (f"`{location.name}` (revision `{location.revision or 'main, unpinned'}`)"
                 if location.is_hub else f"the local folder `{Path(location.name).name}`")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Fine-tune a split-q/k/v twin of SAM, SAM-HQ or SAM 2 with LoRA on the vision encoder's `q`/`v` (optionally the
-whole mask decoder too).
+"""Fine-tune a split-q/k/v twin of SAM, SAM-HQ or SAM 2, or a stock SAM 3 tracker (transformers 5), with LoRA on the
+vision encoder's q and v (optionally the whole mask decoder too).
 
 Each step encodes every image once and decodes up to `--objects-per-image` of its objects against that one image
 embedding, each prompted by a box (and/or positive and negative points) drawn from its mask, as SAM's own training
@@ -66,8 +66,10 @@ from sam_split.tools.training import (
     check_output_dir,
     finish,
     keep_trainable_weights,
+    lora_targets,
     make_accelerator,
     make_optimizer,
+    parse_target_modules,
     start,
     trackers,
     train,
@@ -86,8 +88,11 @@ def add_lora_arguments(parser) -> None:
     lora.add_argument("--lora-r", type=integer(1), default=8)
     lora.add_argument("--lora-alpha", type=number(0, above=True), default=16)
     lora.add_argument("--lora-dropout", type=number(0, 1, below=True), default=0.1, help="in [0, 1)")
-    lora.add_argument("--target-modules", default="q,v",
-                      help="comma-separated module names (default q,v: only the vision encoder has these)")
+    lora.add_argument("--target-modules",
+                      help="comma-separated module names, or one regular expression matched against whole module "
+                           "names (PEFT's rule); default: the member's vision q and v (q,v for the twins: only their "
+                           "vision encoder has these; for the SAM 3 tracker its ViT backbone's q_proj and v_proj, "
+                           "not the mask decoder's)")
     lora.add_argument("--train-decoder", action="store_true",
                       help="also train the whole mask decoder (PEFT modules_to_save)")
 
@@ -139,8 +144,9 @@ def parse_args(argv=None) -> "Settings":
     """The settings, every flag checked (`Settings.from_args`) before anything slow starts; a problem is a usage
     error (exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser, model_help="split-q/k/v twin of SAM, SAM-HQ or SAM 2 (made by push.py): Hub id or "
-                                           "local folder (required unless --publish-only)")
+    add_model_arguments(parser, model_help="split-q/k/v twin of SAM, SAM-HQ or SAM 2 (made by push.py), or a stock "
+                                           "SAM 3 tracker: Hub id, local folder or random:<size> (required unless "
+                                           "--publish-only)")
     data = parser.add_argument_group("data and outputs")
     data.add_argument("--train-data", help="training data (see tools/data.py; required unless --publish-only)")
     data.add_argument("--val-data", help="same formats; enables validation (Dice and IoU)")
@@ -164,8 +170,8 @@ def parse_args(argv=None) -> "Settings":
 @dataclass(frozen=True)
 class Settings:
     """Every flag of the command line, checked as a whole once (`from_args`) and never changed after. Beyond the flags
-    as given: `target_modules` as a tuple of names, `eval_every` with its default, and `trackers` (accelerate's
-    `log_with` for `--report-to`)."""
+    as given: `target_modules` as a tuple of names, one regular expression (`str`) or None (the member's default,
+    `lora_targets`), `eval_every` with its default, and `trackers` (accelerate's `log_with` for `--report-to`)."""
 
     # model
     model: str | None
@@ -206,7 +212,7 @@ class Settings:
     lora_r: int
     lora_alpha: float
     lora_dropout: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...] | str | None
     train_decoder: bool
     # training
     max_steps: int
@@ -247,8 +253,8 @@ class Settings:
                 raise ToolError("--push-to needs a Hub token (HF_TOKEN or `hf auth login`)")
         if args.base_revision and not args.model:
             raise ToolError("--base-revision needs --model")
-        model = locate(args.model, args.base_revision) if args.model else None
-        target_modules = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+        model = locate(args.model, args.base_revision, random_ok=True) if args.model else None
+        target_modules = parse_target_modules(args.target_modules)
         if args.publish_only:
             if not (args.push_to or args.merge_to_sam):
                 raise ToolError("--publish-only needs --push-to and/or --merge-to-sam")
@@ -261,9 +267,10 @@ class Settings:
         if missing:
             raise ToolError(f"the following arguments are required: {', '.join(missing)}")
         if args.push_to and not model.is_hub:
-            raise ToolError(f"--push-to: --model {args.model} is a local folder, and a published adapter must name a "
+            what = "a random model" if model.kind == "random" else "a local folder"
+            raise ToolError(f"--push-to: --model {args.model} is {what}, and a published adapter must name a "
                             "base its users can load: publish the base first (push.py) and train on its Hub id")
-        if not target_modules:
+        if target_modules is not None and not target_modules:
             raise ToolError("--target-modules is empty")
         if args.eval_every is not None and not args.val_data:
             raise ToolError("--eval-every needs --val-data")
@@ -317,18 +324,19 @@ def load_data(accelerator, settings: Settings, processor) -> tuple:
                                  settings.hq_token_only)
 
 
-def run_settings(settings: Settings, base: Location, num_images: int, num_processes: int) -> dict:
+def run_settings(settings: Settings, base: Location, num_images: int, num_processes: int,
+                 target_modules: list[str] | str) -> dict:
     """What fixes the data order and the meaning of the weights: resuming with other values is refused."""
     train_data = settings.train_data if hub_dataset(settings.train_data) else str(Path(settings.train_data).resolve())
     return {
         "model": base.name, "revision": base.revision, "train_data": train_data, "num_images": num_images,
         "num_processes": num_processes, "seed": settings.seed,
         **{k: getattr(settings, k) for k in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
-                                              "lora_dropout", "target_modules", "train_decoder", "prompt",
+                                              "lora_dropout", "train_decoder", "prompt",
                                               "num_points", "num_negative_points", "objects_per_image", "box_jitter",
                                               "loss", "iou_loss_weight", "lr", "weight_decay",
                                               "hq_token_only")},
-        "target_modules": list(settings.target_modules),  # as JSON reads it back, for the comparison on --resume
+        "target_modules": target_modules,  # a list (not a tuple) as JSON reads it back, compared on --resume
     }
 
 
@@ -364,8 +372,9 @@ def main(argv=None) -> PeftModel:
     train_set, validation = load_data(accelerator, settings, processor)
 
     torch.manual_seed(settings.seed)  # LoRA A init: identical on every process
-    model = build_model(load_model(base), settings.lora_r, settings.lora_alpha, settings.lora_dropout,
-                        list(settings.target_modules), settings.train_decoder, settings.gradient_checkpointing, base)
+    targets = lora_targets(settings.target_modules, config)
+    model = build_model(load_model(base), settings.lora_r, settings.lora_alpha, settings.lora_dropout, targets,
+                        settings.train_decoder, settings.gradient_checkpointing, base)
     log(f"base {base}; trainable parameters {sum(p.numel() for p in trainable_state(model).values()):,} of "
         f"{sum(p.numel() for p in model.parameters()):,}")
     optimizer, scheduler = make_optimizer(model, settings.lr, settings.weight_decay, settings.lr_scheduler,
@@ -375,7 +384,7 @@ def main(argv=None) -> PeftModel:
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
-    run = run_settings(settings, base, len(train_set), accelerator.num_processes)
+    run = run_settings(settings, base, len(train_set), accelerator.num_processes, targets)
     record = run_record(settings, run, train_set, validation)
     session = Session(accelerator, model, optimizer, scheduler, state, output_dir, run, record, log)
     start(session, settings.resume, settings.metric_for_best)

@@ -85,11 +85,19 @@ class Source:
         return f"{self.name}@{self.revision}" if self.revision else self.name
 
 
+def nothing_to_convert(member, source) -> str:
+    """Why push.py refuses a member without a twin (the SAM 3 tracker): its stock model is what the tools train."""
+    return (f"--source {source} is a {member.name} model: its vision attention has separate q/k/v already, so there "
+            f"is no twin to convert it to; fine-tune it as it is (python finetune.py --model {source} ...)")
+
+
 def parse_source(text: str, revision: str | None) -> Source:
     """`--source` and `--source-revision` as a `Source`; a `ValueError` says what was expected."""
     if text.startswith(RANDOM_PREFIX):
         size = text[len(RANDOM_PREFIX):]
-        member_for_random(size)  # a ValueError lists the names
+        member = member_for_random(size)  # a ValueError lists the names
+        if member.twin is None:
+            raise ValueError(nothing_to_convert(member, text))
         kind = "random"
     elif (path := local_path(text, flag="--source")).exists() or text.startswith((".", "/", "~")) \
             or not HUB_ID_PATTERN.match(text):
@@ -244,6 +252,8 @@ def load_source(source: Source, allow_pickle: bool, image_only: bool = False) ->
         raise ToolError(f"--source {source}: cannot load it as a stock SAM checkpoint (SAM, SAM-HQ or SAM 2): "
                         f"{reason}") from error
     member = chosen(member)
+    if member.twin is None:
+        raise ToolError(nothing_to_convert(member, source))
     try:
         model, left_out = member.twin.load_stock(source.name, **kwargs)
     except Exception as error:  # noqa: BLE001 - whatever the loader raises (truncated file, wrong shape, network), the source is at fault

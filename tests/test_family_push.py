@@ -126,6 +126,25 @@ def test_random_names_cover_every_member_and_keep_the_old_ones():
         parse_source("random:sam2-hiera-tiny", None)
 
 
+@pytest.mark.parametrize("size", ["sam-tiny", "sam2.1-tiny"])
+def test_finetune_and_evaluate_take_random_names_as_the_twin(size):
+    """`random:<size>` as --model of finetune.py / evaluate.py (`tools.models`): the twin of the family's random
+    stock model, the same weights every time; no revision."""
+    from sam_split.tools.cli import ToolError
+    from sam_split.tools.family import member_for_random, random_stock_model
+    from sam_split.tools.models import load_model, model_config, resolve_model
+
+    location = resolve_model(f"random:{size}", None)
+    member, stock = random_stock_model(size)
+    model = load_model(location)
+    assert type(model) is member.twin and model_config(location).model_type == member.stock_types[0]
+    assert member is member_for_random(size)
+    back, expected = model.to_stock().state_dict(), stock.state_dict()
+    assert back.keys() == expected.keys() and all(torch.equal(back[key], expected[key]) for key in expected)
+    with pytest.raises(ToolError, match="a revision is for Hub ids"):
+        resolve_model(f"random:{size}", "main")
+
+
 @pytest.mark.parametrize("size", ["sam-tiny", "sam-hq-tiny", "sam2.1-tiny"])
 def test_each_member_has_a_tiny_random_size_that_runs(size):
     """`random:` sizes small enough to fine-tune in minutes on a CPU (256x256 images, under 2 M parameters), one

@@ -78,7 +78,9 @@ def model_card(base: Location, repo_name: str, license: str | None, datasets: li
                                                                                ("val", "validation")) if data.get(key)],
                   ""]
     lines += ["## Training hyper-parameters", "", "| name | value |", "| --- | --- |"]
-    lines += [f"| {name} | {value} |" for name, value in hyperparameters.items()] + [""]
+    # a `|` in a value (a --target-modules regular expression) would end its table cell
+    cells = {name: str(value).replace("|", r"\|") for name, value in hyperparameters.items()}
+    lines += [f"| {name} | {value} |" for name, value in cells.items()] + [""]
     return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from .arguments import integer, number
 from .cli import ToolError
 from .compat import mask_generation_processor, post_process_for_mask_generation
+from .family import member_for_model_type
 from .files import atomic_output_dir
 from .processing import decode_options, model_family
 from .segmentation import summarize
@@ -121,8 +122,8 @@ def model_points(points: torch.Tensor, crop_size: tuple, target_size: int, famil
     """`generate_crop_boxes`' grid points (..., 2) as the model's input points for a crop of `crop_size` (height,
     width). transformers scales them as SAM resizes (longest side to `target_size`, aspect kept), for SAM 2 too; SAM 2
     stretches the crop to a `target_size` square, so there each axis is rescaled to that square, else the grid of a
-    non-square crop would cover only part of it."""
-    if family != "sam2":
+    non-square crop would cover only part of it (and so does the SAM 3 tracker: `Member.square`)."""
+    if not member_for_model_type(family).square:
         return points
     height, width = crop_size
     scale = target_size / max(height, width)

@@ -13,6 +13,10 @@ from pathlib import Path
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+# `random:<size>` names a randomly initialised model of a size in the family table (`tools.family`), not a path or a
+# Hub id.
+RANDOM_PREFIX = "random:"
+
 
 class ToolError(Exception):
     """A failure the user can act on: printed as one `error: ...` line, exit status 1, no traceback."""
@@ -56,7 +60,8 @@ def run_tool(main: Callable[[], object]) -> int:
 @dataclass(frozen=True)
 class Location:
     """Where a command-line argument that names a model, an adapter or a dataset points: `kind` "local" (`name` is
-    the path, as given) or "hub" (`name` is the repository id, `revision` a branch, tag or commit, or None)."""
+    the path, as given), "hub" (`name` is the repository id, `revision` a branch, tag or commit, or None) or "random"
+    (a model only: `name` is `random:<size>`)."""
 
     kind: str
     name: str
@@ -96,15 +101,20 @@ def check_name_lengths(path: str | os.PathLike, *, flag: str) -> None:
                             f"systems take at most {NAME_MAX}")
 
 
-def locate(text: str, revision: str | None = None, *, flag: str = "--model") -> Location:
+def locate(text: str, revision: str | None = None, *, flag: str = "--model", random_ok: bool = False) -> Location:
     """The one resolver of "local path or Hub id" for every tool.
 
-    A path that exists is local. So is a name that cannot be a Hub id because it is written as a path (`./x`, `../x`,
-    `/x`, `~/x`, `x/y/z`): then it must exist. Anything else must pass huggingface_hub's own repo-id validation. A
-    `revision` is for Hub ids only, and must be a name the Hub accepts. Raises `ToolError` with a line saying what was
-    expected, before anything slow starts."""
+    With `random_ok` (a model argument), `random:<size>` is `Location("random", text)`: a randomly initialised model
+    of the family table's size (`tools.models` checks the size). A path that exists is local. So is a name that
+    cannot be a Hub id because it is written as a path (`./x`, `../x`, `/x`, `~/x`, `x/y/z`): then it must exist.
+    Anything else must pass huggingface_hub's own repo-id validation. A `revision` is for Hub ids only, and must be a
+    name the Hub accepts. Raises `ToolError` with a line saying what was expected, before anything slow starts."""
     if not text or not text.strip():
         raise ToolError(f"{flag} is empty: expected a local folder or a Hub id such as org/name")
+    if random_ok and text.startswith(RANDOM_PREFIX):
+        if revision is not None:
+            raise ToolError(f"{flag} {text} is a randomly initialised model; a revision is for Hub ids")
+        return Location("random", text)
     path = local_path(text, flag=flag)
     written_as_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
     if path.is_symlink() and not path.exists():  # a dangling link or a loop: local, and broken

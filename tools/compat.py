@@ -37,6 +37,29 @@ def sam2_image_processor(image_size: int, mask_grid: int):
     return Sam2SplitProcessor(image_processor=Sam2SplitImageProcessor(image_size, mask_grid))
 
 
+def sam3_tracker_class():
+    """transformers' `Sam3TrackerModel`, or None on 4.57 (SAM 3 is in transformers 5 only)."""
+    return getattr(transformers, "Sam3TrackerModel", None)
+
+
+def sam3_tracker_processor(image_size: int, mask_grid: int):
+    """A `Sam3TrackerProcessor` resizing images to `image_size` squared and segmentation maps to `mask_grid` squared.
+
+    Its image processor, transformers' `Sam3ImageProcessor`, is SAM 2's with another normalisation (mean and std 0.5,
+    `IMAGENET_STANDARD_*`) and, as SAM 2's, torchvision-only; without torchvision the SAM 2 stand-in does the same
+    steps with PIL (`processing_sam2_split.Sam2SplitImageProcessor`, given the tracker's mean and std). The prompt
+    handling is the tracker's own (SAM 2's code)."""
+    from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
+
+    if importlib.util.find_spec("torchvision") is not None:
+        image_processor = transformers.Sam3ImageProcessor(size={"height": image_size, "width": image_size},
+                                                          mask_size={"height": mask_grid, "width": mask_grid})
+    else:
+        image_processor = Sam2SplitImageProcessor(image_size, mask_grid, image_mean=list(IMAGENET_STANDARD_MEAN),
+                                                  image_std=list(IMAGENET_STANDARD_STD))
+    return transformers.Sam3TrackerProcessor(image_processor=image_processor)
+
+
 def sam_preprocessor_config(image_size: int) -> dict:
     """SAM's standard preprocessing as a `preprocessor_config.json` that `AutoProcessor` loads on transformers 4.57 and
     5.x alike, in the form of the released checkpoints. Saving `processing.model_processor(config)` would not do: on
@@ -70,6 +93,15 @@ def sam2_preprocessor_config(image_size: int) -> dict:
         "mask_size": {"height": image_size // 4, "width": image_size // 4},
         "resample": 2, "rescale_factor": 1 / 255,
     }
+
+
+def sam3_tracker_preprocessor_config(image_size: int, mask_grid: int) -> dict:
+    """The SAM 3 tracker's standard preprocessing (`Sam3ImageProcessor`: SAM 2's steps, mean and std 0.5; masks
+    `mask_grid` squared, 288 at image size 1008), in the form of `sam2_preprocessor_config`; transformers 5 only,
+    torchvision-only as SAM 2's."""
+    return {**sam2_preprocessor_config(image_size), "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+            "image_processor_type": "Sam3ImageProcessor", "processor_class": "Sam3TrackerProcessor",
+            "mask_size": {"height": mask_grid, "width": mask_grid}}
 
 
 def with_shipped_processor(contents: dict, auto_map: dict) -> dict:

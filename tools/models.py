@@ -14,15 +14,17 @@ import transformers
 from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-from .cli import Location, ToolError, local_path, locate
+from .cli import RANDOM_PREFIX, Location, ToolError, local_path, locate
 from .compat import hub_failure_types
-from .family import check_config_body
+from .family import MEMBERS, allow_checkpointing_, check_config_body, member_for_random, random_stock_model
 from .processing import load_model as load_family_model
 
 # The split-q/k/v twins' model_types, each with the stock model_types push.py converts into it.
 MODEL_TYPES = {"sam_split": ("sam",), "sam_hq_split": ("sam_hq",), "sam2_split": ("sam2", "sam2_video")}
 STOCK_MODEL_TYPES = {stock: twin for twin, stocks in MODEL_TYPES.items() for stock in stocks}
 STOCK_NAMES = {"sam": "SAM", "sam_hq": "SAM-HQ", "sam2": "SAM 2", "sam2_video": "SAM 2 video"}
+# Members without a twin, whose stock checkpoints the tools train as they are (the SAM 3 tracker, on transformers 5).
+STOCK_TRAINED_TYPES = tuple(stock for member in MEMBERS if member.twin is None for stock in member.stock_types)
 
 
 def _first_line(error: BaseException) -> str:
@@ -86,8 +88,17 @@ def _read_json(location: Location, name: str, flag: str) -> dict:
 
 def resolve_model(text: str, revision: str | None, *, flag: str = "--model",
                   revision_flag: str = "--base-revision") -> Location:
-    """`text` (+ `revision`) as the Location of a split-q/k/v twin (SAM, SAM-HQ, SAM 2): refused in one line when it
-    is an adapter, a stock checkpoint (pointing at push.py), another model, not a model at all, or not found."""
+    """`text` (+ `revision`) as the Location of a split-q/k/v twin (SAM, SAM-HQ, SAM 2) or of a member trained as its
+    stock model (the SAM 3 tracker), or of `random:<size>` (a randomly initialised one of the family table's sizes):
+    refused in one line when it is an adapter, a stock checkpoint with fused qkv (pointing at push.py), another
+    model, not a model at all, or not found."""
+    if text and text.startswith(RANDOM_PREFIX):
+        location = locate(text, revision, flag=flag, random_ok=True)
+        try:
+            member_for_random(text.removeprefix(RANDOM_PREFIX))
+        except ValueError as error:
+            raise ToolError(f"{flag} {text}: {error}") from None
+        return location
     location, files = _locate_files(text, revision, flag, revision_flag)
     if "config.json" not in files:
         if "adapter_config.json" in files:
@@ -113,9 +124,10 @@ def resolve_model(text: str, revision: str | None, *, flag: str = "--model",
         raise ToolError(f"{flag} {text} is the SAM 2 video twin (the tracker): the tools train and score the image "
                         "model; build it from the stock checkpoint with `python push.py --source ... --image-only` (an "
                         "adapter trained on it runs in the tracker: docs/family.md)")
-    if model_type not in MODEL_TYPES:
+    if model_type not in (*MODEL_TYPES, *STOCK_TRAINED_TYPES):
         raise ToolError(f"{flag} {text} is a {model_type!r} model; expected a split-q/k/v twin (model_type "
-                        f"{', '.join(map(repr, MODEL_TYPES))}, made by push.py)")
+                        f"{', '.join(map(repr, MODEL_TYPES))}, made by push.py)"
+                        + "".join(f" or a stock {stock!r} checkpoint" for stock in STOCK_TRAINED_TYPES))
     return location
 
 
@@ -135,6 +147,9 @@ def adapter_base(config: dict) -> tuple[str, str | None]:
 
 def model_config(location: Location):
     """The model's config alone: enough to set up the data before the weights are loaded."""
+    if location.kind == "random":
+        size = location.name.removeprefix(RANDOM_PREFIX)
+        return member_for_random(size).stock_config(size)
     try:
         return transformers.AutoConfig.from_pretrained(location.name, revision=location.revision,
                                                        trust_remote_code=True)
@@ -144,7 +159,14 @@ def model_config(location: Location):
 
 def load_model(location: Location):
     """The base model's weights, as the twin class its config names (strict: a missing or unexpected weight is an
-    error): `processing.load_model`."""
+    error): `processing.load_model`. `random:<size>`: the family's random model of that size (`random_stock_model`,
+    the same weights every time), as its twin where the member has one."""
+    if location.kind == "random":
+        member, model = random_stock_model(location.name.removeprefix(RANDOM_PREFIX))
+        if member.twin is not None:
+            return member.twin.from_stock(model).eval()
+        allow_checkpointing_(model)
+        return model
     try:
         return load_family_model(location.name, location.revision)
     except hub_failure_types() as error:

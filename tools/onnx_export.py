@@ -16,7 +16,8 @@ SAM 2's spec (`SAM2_SPEC`) follows transformers.js' SAM 2 model: `vision_encoder
 and `prompt_encoder_mask_decoder` takes them with `input_labels`, `input_points`, `input_boxes` in the shapes
 transformers.js fills in (`Sam2PromptMaskDecoderGraph`) and adds `object_score_logits`. A member of the family adds
 its own `ExportSpec` to `EXPORT_SPECS` under its `model_type`: its graph wrappers, names, dynamic dimensions,
-verification cases and the config.json type transformers.js reads. SAM-HQ has none (transformers.js has no SAM-HQ).
+verification cases and the config.json type transformers.js reads. The SAM 3 tracker's (`SAM3_TRACKER_SPEC`) is SAM
+2's under its own model_type. SAM-HQ has none (transformers.js has no SAM-HQ).
 
 onnx, onnxscript and onnxruntime are the `onnx` extra, imported here only when an export runs (`require_onnx`).
 """
@@ -25,7 +26,7 @@ import importlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -354,8 +355,13 @@ SAM2_SPEC = ExportSpec(
 )
 
 
+# The SAM 3 tracker is Sam2Model's code on SAM 3's ViT (transformers generates it from SAM 2's modular file):
+# the same two graphs, under the model_type transformers.js reads for its `Sam3TrackerModel` (a `Sam2Model` there).
+SAM3_TRACKER_SPEC = replace(SAM2_SPEC, model_type="sam3_tracker", architecture="Sam3TrackerModel")
+
 # model_type -> its export; a family member registers its own beside SAM's.
-EXPORT_SPECS = {"sam_split": SAM_SPEC, "sam": SAM_SPEC, "sam2_split": SAM2_SPEC, "sam2": SAM2_SPEC}
+EXPORT_SPECS = {"sam_split": SAM_SPEC, "sam": SAM_SPEC, "sam2_split": SAM2_SPEC, "sam2": SAM2_SPEC,
+                "sam3_tracker": SAM3_TRACKER_SPEC}
 
 
 def export_spec(config) -> ExportSpec:

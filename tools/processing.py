@@ -1,15 +1,16 @@
-"""Per-family processing for training and scoring (SAM, SAM-HQ, SAM 2; stock or split-q/k/v twin; PEFT-wrapped or
-not): which family a model is, loading it strictly, its processor, its low-resolution mask grid, the low-res target of
-a mask and the decoding arguments.
+"""Per-family processing for training and scoring (SAM, SAM-HQ, SAM 2, SAM 3 tracker; stock or split-q/k/v twin;
+PEFT-wrapped or not): which family a model is, loading it strictly, its processor, its low-resolution mask grid, the
+low-res target of a mask and the decoding arguments.
 
 The mask geometry lives here once: `mask_grid_size` (4x the image-embedding grid, the side of `pred_masks`) sets the
 processor's mask settings, and `low_res_target` reads them back, so a target lines up with `pred_masks` by
 construction (tested against the processor's own `segmentation_maps` preprocessing and against `pred_masks`).
 
 Per family: SAM and SAM-HQ (`SamProcessor` / `SamHQProcessor`, SAM's image processor) resize the longest side and
-pad bottom/right, images and masks alike; SAM 2 (`Sam2Processor`) resizes the whole image to a square, no padding.
-SAM 2's image processor needs torchvision; without it the processor a SAM 2 twin's repository ships stands in
-(`processing_sam2_split.Sam2SplitProcessor`).
+pad bottom/right, images and masks alike; SAM 2 (`Sam2Processor`) resizes the whole image to a square, no padding,
+and so does the SAM 3 tracker (`Sam3TrackerProcessor`: SAM 2's code, another normalisation). Their image processors
+need torchvision; without it the processor a SAM 2 twin's repository ships stands in
+(`processing_sam2_split.Sam2SplitImageProcessor`).
 """
 
 import numpy as np
@@ -17,8 +18,8 @@ import transformers
 from PIL import Image
 
 from .cli import ToolError
-from .compat import sam2_image_processor, sam_image_processor_class
-from .family import member_for_config
+from .compat import sam2_image_processor, sam3_tracker_processor, sam_image_processor_class
+from .family import allow_checkpointing_, mask_grid_size, member_for_config
 
 # SAM-HQ's authors' advice for prompts that pick one object (SysCV/sam-hq demo/demo_hqsam.py: "For images contain
 # single object, we suggest to set hq_token_only = True"); their training loss is on the HQ mask alone, too.
@@ -26,8 +27,8 @@ HQ_TOKEN_ONLY_DEFAULT = True
 
 
 def model_family(model_or_config) -> str:
-    """"sam", "sam_hq" or "sam2" (the member's stock `model_type`) for a model (stock or twin, PEFT- or DDP-wrapped)
-    or its config, as `tools.family` knows the members."""
+    """"sam", "sam_hq", "sam2" or "sam3_tracker" (the member's stock `model_type`) for a model (stock or twin, PEFT-
+    or DDP-wrapped) or its config, as `tools.family` knows the members."""
     config = getattr(model_or_config, "config", None) or getattr(getattr(model_or_config, "module", None), "config",
                                                                    model_or_config)
     model_type = str(getattr(config, "model_type", ""))
@@ -40,13 +41,14 @@ def model_family(model_or_config) -> str:
     try:
         return member_for_config(config).stock_types[0]
     except ValueError:
-        raise ToolError(f"not a SAM, SAM-HQ or SAM 2 model (model_type {model_type!r})") from None
+        raise ToolError(f"not a SAM, SAM-HQ, SAM 2 or SAM 3 tracker model (model_type {model_type!r})") from None
 
 
 def load_model(name: str, revision: str | None = None):
     """The model at `name` (folder or Hub id) at `revision`, as the class its config names: `AutoModel` with
     `trust_remote_code=True`, as `AutoPeftModel` loads an adapter's base. Strict: a missing, unexpected or
-    mis-shaped weight is an error (transformers would only warn)."""
+    mis-shaped weight is an error (transformers would only warn). A member trained as its stock model (the SAM 3
+    tracker) comes with gradient checkpointing allowed (`family.allow_checkpointing_`)."""
     try:
         model, info = transformers.AutoModel.from_pretrained(name, revision=revision, trust_remote_code=True,
                                                              output_loading_info=True)
@@ -58,23 +60,22 @@ def load_model(name: str, revision: str | None = None):
         found = "; ".join(f"{kind.replace('_', ' ')} {keys[:6]}" for kind, keys in problems.items() if keys)
         raise ToolError(f"{name} does not match its model class {type(model).__name__}: {found}")
     model_family(model)
+    if member_for_config(model.config).twin is None:
+        allow_checkpointing_(model)
     return model
-
-
-def mask_grid_size(config) -> int:
-    """Side of the low-res masks (`pred_masks`) of every family: 4x the image-embedding grid, i.e. the prompt
-    encoder's `mask_input_size` (256 at image size 1024, 16-px patches)."""
-    prompt = config.prompt_encoder_config
-    return 4 * (prompt.image_size // prompt.patch_size)
 
 
 def model_processor(config):
     """The processor for a model of any family, with its standard preprocessing and the mask settings of its mask
-    grid. SAM 2's own image processor needs torchvision (5.23 and 4.57 alike); without it, a PIL stand-in with the
-    same geometry (`processing_sam2_split.Sam2SplitImageProcessor`, what the twin's repository ships)."""
+    grid. SAM 2's and the SAM 3 tracker's own image processors need torchvision (5.23 and 4.57 alike); without it, a
+    PIL stand-in with the same geometry (`processing_sam2_split.Sam2SplitImageProcessor`, what the SAM 2 twin's
+    repository ships)."""
     family, grid = model_family(config), mask_grid_size(config)
-    if family == "sam2":  # its vision config gives the size per axis, in the backbone config
+    # SAM 2 and the tracker: the vision config gives the size per axis, in the backbone config; the prompt encoder's
+    if family == "sam2":
         return sam2_image_processor(config.prompt_encoder_config.image_size, grid)
+    if family == "sam3_tracker":
+        return sam3_tracker_processor(config.prompt_encoder_config.image_size, grid)
     size = config.vision_config.image_size
     image_processor = sam_image_processor_class()(
         size={"longest_edge": size}, pad_size={"height": size, "width": size},

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .adapter import RUN_RECORD, all_finite, save_adapter, trainable_state, write_card
 from .cli import Location, ToolError, check_name_lengths
+from .family import member_for_config
 from .files import atomic_output_dir, check_new_folder
 from .segmentation import PromptedImages, collate, evaluate, object_losses, summarize
 from .visualize import overlay, plot_curves
@@ -42,10 +43,29 @@ VALIDATION_SCORES = (*BEST_METRICS, "classes")
 # ---------------------------------------------------------------------------------------------------------- model
 
 
+def parse_target_modules(text: str | None) -> tuple[str, ...] | str | None:
+    """`--target-modules`: None (the member's default), one regular expression as a `str` (where the text holds a
+    character no module name has), or a tuple of names."""
+    if text is None:
+        return None
+    if any(character in text for character in "\\()[]*+?|^$"):
+        return text.strip()
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def lora_targets(target_modules: tuple[str, ...] | str | None, config) -> list[str] | str:
+    """The LoRA targets of a run: `target_modules` (`--target-modules`), else the member's default
+    (`family.Member.lora_targets`), as `build_model` and the run record take them."""
+    targets = target_modules or member_for_config(config).lora_targets
+    return targets if isinstance(targets, str) else list(targets)
+
+
 def build_model(base, lora_r, lora_alpha, lora_dropout, target_modules, train_decoder, gradient_checkpointing,
                 base_location: Location) -> PeftModel:
     """LoRA on `target_modules` of the loaded `base` (and the whole mask decoder with `train_decoder`); the adapter
-    records `base_location` (a Hub id at its sha, or the local folder) as its base."""
+    records `base_location` (a Hub id at its sha, or the local folder) as its base. `target_modules`: module names
+    (PEFT matches each as the name or its last parts), or one regular expression (a `str`, matched against whole
+    module names)."""
     if gradient_checkpointing:
         # Non-reentrant: the frozen inputs of the checkpointed layers need no `requires_grad` for LoRA to get grads.
         base.activation_checkpointing_enable({"use_reentrant": False})
@@ -56,9 +76,13 @@ def build_model(base, lora_r, lora_alpha, lora_dropout, target_modules, train_de
     )
     model = get_peft_model(base, config, revision=base_location.revision)
     model.peft_config["default"].base_model_name_or_path = base_location.name
-    for target in target_modules:
-        if not any(name.endswith(f".{target}") and hasattr(module, "lora_A") for name, module in model.named_modules()):
-            raise ToolError(f"--target-modules entry {target!r} matches no Linear layer of the model")
+    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    if isinstance(target_modules, str):
+        unmatched = [] if adapted else [target_modules]
+    else:
+        unmatched = [target for target in target_modules if not any(name.endswith(f".{target}") for name in adapted)]
+    if unmatched:
+        raise ToolError(f"--target-modules entry {unmatched[0]!r} matches no Linear layer of the model")
     return model
 
 

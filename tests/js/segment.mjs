@@ -1,5 +1,5 @@
-// Load an exported sam-split ONNX folder (SAM or SAM 2) from disk with transformers.js (remote models disabled) and
-// segment, as an app would.
+// Load an exported sam-split ONNX folder (SAM, SAM 2 or the SAM 3 tracker) from disk with transformers.js (remote
+// models disabled) and segment, as an app would.
 //   node segment.mjs MODEL_FOLDER INPUTS.json OUTPUTS.json
 // INPUTS.json: {"pixel_values": TENSOR, "prompts": {NAME: {"input_points": TENSOR, ...}}}, a TENSOR being
 // {"type": "float32" | "int64", "dims": [...], "data": [...]}; a prompt holds only what the app gives (transformers.js
@@ -7,7 +7,7 @@
 // TENSOR, "pred_masks": TENSOR[, "object_score_logits": TENSOR]}}.
 import fs from 'node:fs';
 import path from 'node:path';
-import { Sam2Model, SamModel, Tensor, env } from '@huggingface/transformers';
+import { Sam2Model, Sam3TrackerModel, SamModel, Tensor, env } from '@huggingface/transformers';
 
 const [folder, inputsPath, outputsPath] = process.argv.slice(2);
 env.allowRemoteModels = false;
@@ -22,7 +22,7 @@ const fromTensors = (tensors) =>
         .map(([name, value]) => [name, fromTensor(value)]));
 
 const { model_type } = JSON.parse(fs.readFileSync(path.join(folder, 'config.json'), 'utf8'));
-const ModelClass = { sam: SamModel, sam2: Sam2Model }[model_type];
+const ModelClass = { sam: SamModel, sam2: Sam2Model, sam3_tracker: Sam3TrackerModel }[model_type];
 const model = await ModelClass.from_pretrained(path.basename(path.resolve(folder)), { dtype: 'fp32', device: 'cpu' });
 const inputs = JSON.parse(fs.readFileSync(inputsPath, 'utf8'));
 // The image is encoded once; every prompt is decoded against that embedding.
