@@ -335,11 +335,16 @@ def project_qkv(module: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.T
             logger.debug(f"q/k/v projected by three calls: {reason}.")
         return tuple(layer(hidden_states) for layer in layers)
     weight, bias = _fused_weight(module, plan)
-    projections = list(F.linear(hidden_states, weight, bias).split([base.out_features for base, _, _ in plan], -1))
+    fused = F.linear(hidden_states, weight, bias)
+    sizes = [base.out_features for base, _, _ in plan]
     for index, term in _lora_terms(plan, hidden_states).items():
-        # PEFT adds in the promoted dtype (fp32 adapters on a bf16 base) and casts back to the base result's dtype
-        projections[index] = (projections[index] + term).to(projections[index].dtype)
-    return tuple(projections)
+        # Into the fused output, in place, so that q, k and v stay views of one tensor as stock's are of its qkv
+        # output: the backward then keeps that one tensor, not it and new copies of q and v besides (hiera-tiny,
+        # LoRA on q and v, batch 2: 3.98 GB of saved tensors before, 3.28 GB now, stock 3.62 GB). The in-place add
+        # computes in the promoted dtype and casts back, as PEFT's `(result + term).to(result.dtype)` does.
+        start = sum(sizes[:index])
+        fused[..., start:start + sizes[index]] += term
+    return tuple(fused.split(sizes, -1))
 
 
 def describe_left_out(left_out: list) -> str:
